@@ -1,0 +1,14 @@
+//! Shared support for Hearth's tests.
+//!
+//! # Layout
+//!
+//! - [`skip`]: when a test may skip (no root, no KVM) and how it says so; with
+//!   `HEARTH_NO_SKIP=1` (set by `cargo xtask test` on machines that have root and KVM) a skip is
+//!   a failure, so nothing is silently left out.
+//! - [`artifacts`]: builds and locates what tests run but cargo does not build for them: the
+//!   static musl `hearth-init`, the `no_std` test guests, host binaries of other packages.
+
+#![deny(missing_docs)]
+
+pub mod artifacts;
+pub mod skip;

@@ -1,0 +1,3 @@
+//! KVM state: the `/dev/kvm` handle, VM, vCPUs, guest memory.
+
+pub mod kvm;
