@@ -20,6 +20,13 @@ pub mod init {
     include!(concat!(env!("OUT_DIR"), "/hearth.init.v1.rs"));
 }
 
+/// The scheduler API of hearth-agent (package `hearth.v1`), with tonic client and server code.
+#[cfg(feature = "grpc")]
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("hearth.v1");
+}
+
 /// The protocol version this build speaks, sent in `Hello` and `Welcome`.
 ///
 /// Bump it when a change needs both sides to understand it; adding an optional field does not.
