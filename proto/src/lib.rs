@@ -9,9 +9,13 @@
 //! - `hearth/init/v1/init.proto`: the agent <-> init messages ([`init`]).
 //! - [`frame`]: the length-prefixed framing, as plain functions (for fuzzing and blocking
 //!   callers) and as a `tokio_util` codec.
+//! - [`channel`]: async channels over one connection, for both ends: the `Hello`/`Welcome`
+//!   handshake with the version check, typed send/receive, split halves for separate tasks.
+//! - `fuzz/`: cargo-fuzz targets for the frame decoder.
 
 #![deny(missing_docs)]
 
+pub mod channel;
 pub mod frame;
 
 /// The agent <-> hearth-init control protocol (package `hearth.init.v1`).
