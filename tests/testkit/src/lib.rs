@@ -7,8 +7,16 @@
 //!   a failure, so nothing is silently left out.
 //! - [`artifacts`]: builds and locates what tests run but cargo does not build for them: the
 //!   static musl `hearth-init`, the `no_std` test guests, host binaries of other packages.
+//! - [`registry`]: a real `docker-registry` on 127.0.0.1 (anonymous, basic auth, token auth,
+//!   HTTPS), stopped on drop.
+//! - [`oci`]: test images (busybox, busybox httpd, custom layers) built as OCI layouts and
+//!   pushed with skopeo.
+//! - [`pki`]: test CAs and certificates made with openssl.
 
 #![deny(missing_docs)]
 
 pub mod artifacts;
+pub mod oci;
+pub mod pki;
+pub mod registry;
 pub mod skip;
