@@ -4,7 +4,11 @@
 //! # Layout
 //!
 //! - [`ebpf`]: the embedded eBPF object and its loader.
+//! - [`net`]: node networking (bridge, addresses, veth/TAP, NAT).
+//! - [`ingress`]: the HTTP ingress proxy.
 
 #![deny(missing_docs)]
 
 pub mod ebpf;
+pub mod ingress;
+pub mod net;

@@ -1,0 +1,1 @@
+//! HTTP ingress proxy (in progress).

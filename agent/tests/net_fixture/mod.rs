@@ -1,0 +1,156 @@
+//! Test fixture for the networking and ingress tests: anonymous network namespaces.
+//!
+//! A [`Netns`] is a fresh network namespace held only by an open file descriptor: nothing is
+//! mounted, no name is registered, and the namespace with every interface, address, route and
+//! nftables table inside it vanishes when the last reference (the fd, a socket, a process)
+//! goes — also when a test panics. Each test builds its "node" inside one, so bridges, NAT
+//! tables and `net.ipv4.ip_forward` never touch the host's own namespace, and concurrent tests
+//! cannot collide.
+//!
+//! Code runs inside a namespace on a thread of its own ([`Netns::run`], [`Netns::block_on`]):
+//! `setns` changes only the calling thread, and sockets stay bound to the namespace they were
+//! created in, so a listener made with `run` can be served from any runtime.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::future::Future;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::{Child, Command};
+
+use nix::sched::CloneFlags;
+
+/// An anonymous network namespace with `lo` up.
+pub struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    /// A new namespace.
+    pub fn new() -> Netns {
+        let fd = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+            let fd = OwnedFd::from(File::open("/proc/thread-self/ns/net").expect("open netns"));
+            let st = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip link set lo up: {st}");
+            fd
+        })
+        .join()
+        .expect("netns thread");
+        Netns { fd }
+    }
+
+    /// The namespace file.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Runs `f` on a thread inside the namespace.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                nix::sched::setns(&self.fd, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            });
+            match h.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Runs the future `make` returns on a current-thread runtime inside the namespace: every
+    /// socket, netlink connection, `nft` and sysctl write of it acts on this namespace.
+    pub fn block_on<F, T>(&self, make: impl FnOnce() -> F + Send) -> T
+    where
+        F: Future<Output = T>,
+        T: Send,
+    {
+        self.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(make())
+        })
+    }
+
+    /// Runs a command inside the namespace and returns its stdout; panics when it fails.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        let out = self.run(|| {
+            Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("spawn")
+        });
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a long-running process inside the namespace; it is killed on drop.
+    pub fn spawn(&self, args: &[&str]) -> KillOnDrop {
+        KillOnDrop(self.run(|| {
+            Command::new(args[0])
+                .args(&args[1..])
+                .spawn()
+                .expect("spawn")
+        }))
+    }
+
+    /// An unconnected TCP socket created inside the namespace and bound to `addr`; connect it
+    /// from any runtime (traffic stays in this namespace).
+    pub fn tcp_socket(&self, addr: std::net::SocketAddr) -> tokio::net::TcpSocket {
+        self.run(|| {
+            let s = tokio::net::TcpSocket::new_v4().expect("socket");
+            s.bind(addr).expect("bind");
+            s
+        })
+    }
+
+    /// A std TCP listener bound inside the namespace.
+    pub fn listen(&self, addr: std::net::SocketAddr) -> std::net::TcpListener {
+        let l = self.run(|| std::net::TcpListener::bind(addr).expect("bind"));
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+}
+
+/// A child process killed and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `secs` seconds.
+pub async fn eventually<T>(secs: u64, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {secs} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
