@@ -1,0 +1,105 @@
+//! virtio-vsock on the I/O thread: activation, queue notifications, the host-side listener and
+//! its connections.
+
+use std::os::fd::AsRawFd as _;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{device::Vsock, muxer::Watch};
+
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_RX: u32 = 1;
+const TOKEN_TX: u32 = 2;
+const TOKEN_EVQ: u32 = 3;
+const TOKEN_LISTENER: u32 = 4;
+/// Connection tokens start here.
+const TOKEN_CONN_BASE: u32 = 16;
+
+fn watch(ops: &mut EventOps, (fd, token): Watch) {
+    let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED | EventSet::READ_HANG_UP;
+    if let Err(e) = ops.add(Events::with_data_raw(
+        fd,
+        TOKEN_CONN_BASE.wrapping_add(token),
+        set,
+    )) {
+        tracing::warn!("Cannot watch a vsock connection: {e:?}");
+    }
+}
+
+impl Vsock {
+    fn settle(&mut self, ops: &mut EventOps) {
+        self.process_rx();
+        for stream in self.muxer.take_closed() {
+            let _ = ops.remove(Events::empty_raw(stream.as_raw_fd()));
+        }
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
+            tracing::error!("Cannot watch the vsock activation event: {e:?}");
+        }
+        if let Some(fd) = self.muxer.listener_fd() {
+            let _ = ops.add(Events::with_data_raw(fd, TOKEN_LISTENER, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let set = events.event_set();
+        match events.data() {
+            TOKEN_ACTIVATE => {
+                let _ = self.activate_evt.read();
+                let _ = ops.add(Events::with_data(
+                    &self.queue_evts[0],
+                    TOKEN_RX,
+                    EventSet::IN,
+                ));
+                let _ = ops.add(Events::with_data(
+                    &self.queue_evts[1],
+                    TOKEN_TX,
+                    EventSet::IN,
+                ));
+                let _ = ops.add(Events::with_data(
+                    &self.queue_evts[2],
+                    TOKEN_EVQ,
+                    EventSet::IN,
+                ));
+                for w in self.process_tx() {
+                    watch(ops, w);
+                }
+            }
+            TOKEN_RX => {
+                let _ = self.queue_evts[0].read();
+            }
+            TOKEN_TX => {
+                let _ = self.queue_evts[1].read();
+                for w in self.process_tx() {
+                    watch(ops, w);
+                }
+            }
+            TOKEN_EVQ => {
+                let _ = self.queue_evts[2].read();
+            }
+            TOKEN_LISTENER => {
+                for w in self.muxer.accept() {
+                    watch(ops, w);
+                }
+            }
+            t if t >= TOKEN_CONN_BASE => {
+                let readable = set.intersects(
+                    EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+                );
+                self.muxer
+                    .conn_event(t - TOKEN_CONN_BASE, readable, set.contains(EventSet::OUT));
+            }
+            _ => {}
+        }
+        self.settle(ops);
+    }
+}
