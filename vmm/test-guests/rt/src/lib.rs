@@ -5,16 +5,28 @@
 //!
 //! # Layout
 //!
-//! - [`io`]: port and MMIO access (the only `unsafe` in the guests).
-//! - [`serial`]: a polling 8250 writer on 0x3f8.
+//! - [`io`]: port and MMIO access.
+//! - [`serial`]: a polling 8250 writer on 0x3f8, and the `println!` macro.
 //! - [`exit`]: ending the guest: boot timer, i8042 reset, halt.
+//! - [`boot`]: the boot state the VMM handed over: zero page, command line, e820.
+//! - [`cpu`]: CPUID, MSRs, control registers.
+//! - [`virtio`]: a HAL for the `virtio-drivers` crate, device discovery from the command line.
+//! - [`heap`]: a bump allocator (virtio-drivers' vsock driver needs `alloc`).
 
 #![no_std]
 #![deny(missing_docs)]
 
+extern crate alloc;
+
+pub mod boot;
+pub mod cpu;
 pub mod exit;
+pub mod heap;
 pub mod io;
 pub mod serial;
+pub mod virtio;
+
+pub use virtio_drivers;
 
 /// Guest-physical address of the VMM's boot-timer page (Firecracker's convention).
 pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;

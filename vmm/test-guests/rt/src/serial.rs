@@ -28,3 +28,12 @@ impl core::fmt::Write for Serial {
         Ok(())
     }
 }
+
+/// Prints a line to COM1.
+#[macro_export]
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::serial::Serial::com1(), $($arg)*);
+    }};
+}
