@@ -207,7 +207,10 @@ impl Vcpu {
                 }
             };
             self.exit.signal(reason);
-            return;
+            // The main thread ends the process; keep the vCPU's descriptors until then.
+            loop {
+                std::thread::park();
+            }
         }
     }
 }

@@ -34,6 +34,8 @@ impl BusDevice for BootTimer {
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
-        eprintln!("{BOOT_TIMER_LINE_PREFIX}{us}");
+        // One write, so the line never interleaves with other stderr output.
+        let line = format!("{BOOT_TIMER_LINE_PREFIX}{us}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }
 }

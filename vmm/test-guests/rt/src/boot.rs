@@ -83,9 +83,8 @@ impl BootParams {
 
     /// The value of `key=value` on the command line.
     pub fn param(&self, key: &str) -> Option<&'static str> {
-        self.cmdline().split(' ').find_map(|w| {
-            w.strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix('='))
-        })
+        self.cmdline()
+            .split(' ')
+            .find_map(|w| w.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
     }
 }

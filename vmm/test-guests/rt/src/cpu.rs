@@ -59,7 +59,9 @@ pub fn sgdt() -> (u16, u64) {
     unsafe { asm!("sgdt [{}]", in(reg) buf.as_mut_ptr(), options(nostack)) };
     (
         u16::from_le_bytes([buf[0], buf[1]]),
-        u64::from_le_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]]),
+        u64::from_le_bytes([
+            buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9],
+        ]),
     )
 }
 

@@ -22,7 +22,10 @@ pub struct IdHal;
 unsafe impl Hal for IdHal {
     fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let p = crate::heap::alloc_zeroed(pages * 4096, 4096).expect("guest heap exhausted");
-        (p as u64 as PhysAddr, NonNull::new(p).expect("non-null heap"))
+        (
+            p as u64 as PhysAddr,
+            NonNull::new(p).expect("non-null heap"),
+        )
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, _vaddr: NonNull<u8>, _pages: usize) -> i32 {

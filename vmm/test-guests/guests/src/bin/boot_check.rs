@@ -44,18 +44,48 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     // SAFETY: the VMM passes the zero page in RSI.
     let bp = unsafe { BootParams::new(rsi as *const u8) };
     let mut c = Checker { failures: 0 };
-    let vcpus: u32 = bp.param("boot_check.vcpus").and_then(|v| v.parse().ok()).unwrap_or(1);
-    let mem_mib: u64 = bp.param("boot_check.mem_mib").and_then(|v| v.parse().ok()).unwrap_or(128);
+    let vcpus: u32 = bp
+        .param("boot_check.vcpus")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mem_mib: u64 = bp
+        .param("boot_check.mem_mib")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
 
-    c.check("entry_registers", rsi == 0x7000 && rsp < 0x8ff0 && rsp > 0x8000, format_args!("rsi={rsi:#x} rsp={rsp:#x}"));
+    c.check(
+        "entry_registers",
+        rsi == 0x7000 && rsp < 0x8ff0 && rsp > 0x8000,
+        format_args!("rsi={rsi:#x} rsp={rsp:#x}"),
+    );
     c.check(
         "zero_page",
         bp.u16_at(0x1fe) == 0xaa55 && bp.u32_at(0x202) == 0x5372_6448 && bp.byte(0x210) == 0xff,
-        format_args!("boot_flag={:#x} header={:#x} loader={:#x}", bp.u16_at(0x1fe), bp.u32_at(0x202), bp.byte(0x210)),
+        format_args!(
+            "boot_flag={:#x} header={:#x} loader={:#x}",
+            bp.u16_at(0x1fe),
+            bp.u32_at(0x202),
+            bp.byte(0x210)
+        ),
     );
     let cmdline = bp.cmdline();
-    c.check("cmdline", cmdline.contains("hearth.test=boot_check"), format_args!("{cmdline:?}"));
+    c.check(
+        "cmdline",
+        cmdline.contains("hearth.test=boot_check"),
+        format_args!("{cmdline:?}"),
+    );
     println!("boot_check: cmdline {cmdline}");
+
+    if bp.param("boot_check.initrd") == Some("1") {
+        let (image, size) = (bp.u32_at(0x218), bp.u32_at(0x21c));
+        // SAFETY: the VMM loaded the initrd at `image`, identity-mapped RAM.
+        let head = unsafe { core::ptr::read_unaligned(image as usize as *const [u8; 8]) };
+        c.check(
+            "initrd",
+            size > 0 && image % 4096 == 0 && &head == b"HEARTHRD",
+            format_args!("image={image:#x} size={size} head={head:?}"),
+        );
+    }
 
     let mut e820 = bp.e820();
     let first = e820.next();
@@ -76,7 +106,12 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     let (a1, b1, c1, d1) = cpu::cpuid(0xb, 1);
     c.check(
         "cpuid_b",
-        b0 == 1 && (c0 >> 8) & 0xff == 1 && d0 == 0 && b1 == vcpus && (c1 >> 8) & 0xff == 2 && d1 == 0,
+        b0 == 1
+            && (c0 >> 8) & 0xff == 1
+            && d0 == 0
+            && b1 == vcpus
+            && (c1 >> 8) & 0xff == 2
+            && d1 == 0,
         format_args!("{a0:#x} {b0:#x} {c0:#x} {d0:#x} / {a1:#x} {b1:#x} {c1:#x} {d1:#x}"),
     );
     let (ha, hb, hc, hd) = cpu::cpuid(0x4000_0000, 0);
@@ -106,7 +141,12 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         if kind == 0 {
             cpus += 1;
             // SAFETY: as above.
-            let (id, flags) = unsafe { (core::ptr::read((at + 1) as *const u8), core::ptr::read((at + 3) as *const u8)) };
+            let (id, flags) = unsafe {
+                (
+                    core::ptr::read((at + 1) as *const u8),
+                    core::ptr::read((at + 3) as *const u8),
+                )
+            };
             if id == 0 && flags & 3 == 3 {
                 bsp_ok = true;
             }
@@ -120,13 +160,23 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     }
     c.check(
         "mptable",
-        sig_ok && sum(fp, 16) == 0 && sum(table, table_len) == 0 && cpus == vcpus && bsp_ok && ioapic_ok,
+        sig_ok
+            && sum(fp, 16) == 0
+            && sum(table, table_len) == 0
+            && cpus == vcpus
+            && bsp_ok
+            && ioapic_ok,
         format_args!("sig={sig_ok} cpus={cpus} bsp={bsp_ok} ioapic={ioapic_ok}"),
     );
 
     // SAFETY: these MSRs exist on every x86-64 CPU and KVM emulates them.
     let (efer, mtrr, misc, sysenter_cs) = unsafe {
-        (cpu::rdmsr(0xc000_0080), cpu::rdmsr(0x2ff), cpu::rdmsr(0x1a0), cpu::rdmsr(0x174))
+        (
+            cpu::rdmsr(0xc000_0080),
+            cpu::rdmsr(0x2ff),
+            cpu::rdmsr(0x1a0),
+            cpu::rdmsr(0x174),
+        )
     };
     c.check(
         "msrs",
@@ -144,11 +194,19 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     };
     c.check(
         "paging",
-        cr0 & 0x8000_0001 == 0x8000_0001 && cr4 & 0x20 != 0 && cr3 == 0x9000 && pde & 0x83 == 0x83 && pde & !0x1f_ffff == 0xc000_0000,
+        cr0 & 0x8000_0001 == 0x8000_0001
+            && cr4 & 0x20 != 0
+            && cr3 == 0x9000
+            && pde & 0x83 == 0x83
+            && pde & !0x1f_ffff == 0xc000_0000,
         format_args!("cr0={cr0:#x} cr3={cr3:#x} cr4={cr4:#x} boot_timer_pde={pde:#x}"),
     );
     let (limit, base) = cpu::sgdt();
-    c.check("gdt", base == 0x500 && limit == 31 && cpu::cs() == 0x8, format_args!("base={base:#x} limit={limit} cs={:#x}", cpu::cs()));
+    c.check(
+        "gdt",
+        base == 0x500 && limit == 31 && cpu::cs() == 0x8,
+        format_args!("base={base:#x} limit={limit} cs={:#x}", cpu::cs()),
+    );
 
     exit::boot_timer();
     println!("boot_check: done failures={}", c.failures);

@@ -13,7 +13,9 @@ use guest_rt::{
     exit, println,
     virtio::{IdHal, find},
     virtio_drivers::{
-        device::socket::{VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType},
+        device::socket::{
+            VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
+        },
         transport::DeviceType,
     },
 };
@@ -78,7 +80,10 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         exit::reset()
     };
     let mut mgr = VsockConnectionManager::new(sock);
-    let host = VsockAddr { cid: VMADDR_CID_HOST, port: 1024 };
+    let host = VsockAddr {
+        cid: VMADDR_CID_HOST,
+        port: 1024,
+    };
     let local = 49_152;
     if mgr.connect(host, local).is_err() {
         println!("init_hello: connect failed");

@@ -41,14 +41,28 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let mut sector = [0u8; 512];
         let read = blk.read_blocks(0, &mut sector).is_ok();
         let tag = [b'H', b'E', b'A', b'R', b'T', b'H', b'D', b'0' + n as u8];
-        check(if n == 0 { "disk0 read sector 0" } else { "disk1 read sector 0" }, read && sector[..8] == tag);
+        check(
+            if n == 0 {
+                "disk0 read sector 0"
+            } else {
+                "disk1 read sector 0"
+            },
+            read && sector[..8] == tag,
+        );
         let mut id = [0u8; 20];
         let id_len = blk.device_id(&mut id).unwrap_or(0);
         let want: &[u8] = if n == 0 { b"scratch" } else { b"rootfs" };
-        check(if n == 0 { "disk0 id" } else { "disk1 id" }, &id[..id_len] == want);
+        check(
+            if n == 0 { "disk0 id" } else { "disk1 id" },
+            &id[..id_len] == want,
+        );
         let past_end = blk.capacity() as usize;
         check(
-            if n == 0 { "disk0 read past end fails" } else { "disk1 read past end fails" },
+            if n == 0 {
+                "disk0 read past end fails"
+            } else {
+                "disk1 read past end fails"
+            },
             blk.read_blocks(past_end, &mut sector).is_err(),
         );
         let mut data = [0x5au8; 512];
@@ -58,7 +72,10 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             check("disk0 write sector 1", blk.write_blocks(1, &data).is_ok());
             check("disk0 flush", blk.flush().is_ok());
             let mut back = [0u8; 512];
-            check("disk0 read back", blk.read_blocks(1, &mut back).is_ok() && back == data);
+            check(
+                "disk0 read back",
+                blk.read_blocks(1, &mut back).is_ok() && back == data,
+            );
         } else {
             check("disk1 is read-only", blk.readonly());
             check("disk1 write fails", blk.write_blocks(1, &data).is_err());

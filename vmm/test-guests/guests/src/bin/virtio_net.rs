@@ -34,7 +34,10 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         }
     };
     let mac = net.mac_address();
-    println!("net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+    println!(
+        "net: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+    );
     let mut frame = [0u8; 64];
     frame[..6].fill(0xff);
     frame[6..12].copy_from_slice(&mac);
@@ -67,8 +70,14 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let f = &buf[hdr..hdr + len];
         if f.len() >= 14 && f[12..14] == ETHERTYPE {
             let payload = &f[14..];
-            let end = payload.iter().position(|b| *b == 0).unwrap_or(payload.len());
-            println!("net: got {}", core::str::from_utf8(&payload[..end]).unwrap_or("?"));
+            let end = payload
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(payload.len());
+            println!(
+                "net: got {}",
+                core::str::from_utf8(&payload[..end]).unwrap_or("?")
+            );
             core::mem::forget(net);
             exit::reset()
         }

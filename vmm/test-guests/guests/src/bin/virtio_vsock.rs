@@ -12,7 +12,9 @@ use guest_rt::{
     exit, println,
     virtio::{IdHal, find},
     virtio_drivers::{
-        device::socket::{VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType},
+        device::socket::{
+            VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
+        },
         transport::DeviceType,
     },
 };
@@ -37,7 +39,10 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     println!("vsock: guest cid {}", mgr.guest_cid());
     let mut failures = 0;
 
-    let host = VsockAddr { cid: VMADDR_CID_HOST, port: 1025 };
+    let host = VsockAddr {
+        cid: VMADDR_CID_HOST,
+        port: 1025,
+    };
     let local = 40_000;
     let mut step = |name: &str, ok: bool| {
         println!("vsock: {} {name}", if ok { "ok" } else { "FAIL" });
@@ -46,13 +51,18 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         }
     };
 
-    let connected = mgr.connect(host, local).is_ok() && wait(&mut mgr, |e| matches!(e, VsockEventType::Connected));
+    let connected = mgr.connect(host, local).is_ok()
+        && wait(&mut mgr, |e| matches!(e, VsockEventType::Connected));
     step("connect to host port 1025", connected);
     let sent = connected && mgr.send(host, local, b"ping-from-guest").is_ok();
     step("send to host", sent);
     let mut buf = [0u8; 64];
     let got = sent && wait(&mut mgr, |e| matches!(e, VsockEventType::Received { .. }));
-    let n = if got { mgr.recv(host, local, &mut buf).unwrap_or(0) } else { 0 };
+    let n = if got {
+        mgr.recv(host, local, &mut buf).unwrap_or(0)
+    } else {
+        0
+    };
     step("receive from host", &buf[..n] == b"pong-from-host");
 
     mgr.listen(5000);
@@ -69,9 +79,19 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     step("accept host connection", peer.is_some());
     if let Some(peer) = peer {
         let got = wait(&mut mgr, |e| matches!(e, VsockEventType::Received { .. }));
-        let n = if got { mgr.recv(peer, 5000, &mut buf).unwrap_or(0) } else { 0 };
-        step("receive on accepted connection", &buf[..n] == b"hello-guest");
-        step("send on accepted connection", mgr.send(peer, 5000, b"hello-host").is_ok());
+        let n = if got {
+            mgr.recv(peer, 5000, &mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        step(
+            "receive on accepted connection",
+            &buf[..n] == b"hello-guest",
+        );
+        step(
+            "send on accepted connection",
+            mgr.send(peer, 5000, b"hello-host").is_ok(),
+        );
         // Let the device take the packet before the VM resets.
         for _ in 0..1000 {
             let _ = mgr.poll();
@@ -89,7 +109,9 @@ fn wait<H: guest_rt::virtio_drivers::Hal, T: guest_rt::virtio_drivers::transport
     for _ in 0..MAX_POLLS {
         match mgr.poll() {
             Ok(Some(ev)) if want(&ev.event_type) => return true,
-            Ok(Some(ev)) if matches!(ev.event_type, VsockEventType::Disconnected { .. }) => return false,
+            Ok(Some(ev)) if matches!(ev.event_type, VsockEventType::Disconnected { .. }) => {
+                return false;
+            }
             Err(_) => return false,
             _ => {}
         }
