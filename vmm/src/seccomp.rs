@@ -94,6 +94,8 @@ const IO: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_fcntl,
     libc::SYS_eventfd2,
+    // set_nonblocking (FIONBIO) on host-side vsock streams.
+    libc::SYS_ioctl,
 ];
 
 /// The main thread: epoll, the control socket, cleanup of its socket files.
