@@ -335,3 +335,262 @@ impl VirtioDevice for Block {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::{
+        desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::block::request::{T_FLUSH, T_GET_ID, T_IN, T_OUT};
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x11_0000;
+    const STATUS: u64 = 0x12_0000;
+
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let mut content = vec![0u8; 8 * 512];
+        content[..8].copy_from_slice(b"SECTOR00");
+        content[512..520].copy_from_slice(b"SECTOR01");
+        std::fs::write(&path, content).unwrap();
+        Fixture {
+            mem,
+            _dir: dir,
+            path,
+        }
+    }
+
+    /// Runs `chains` (each a list of (addr, len, flags)) through a device with `engine`;
+    /// returns the used ring's (id, len) entries and the device.
+    fn run(
+        f: &Fixture,
+        engine: EngineKind,
+        read_only: bool,
+        chains: &[Vec<(u64, u32, u16)>],
+    ) -> Vec<(u32, u32)> {
+        run_with(f, engine, read_only, chains, None)
+    }
+
+    fn run_with(
+        f: &Fixture,
+        engine: EngineKind,
+        read_only: bool,
+        chains: &[Vec<(u64, u32, u16)>],
+        shrink_to: Option<u64>,
+    ) -> Vec<(u32, u32)> {
+        let q = MockSplitQueue::new(&f.mem, 64);
+        let mut at = 0u16;
+        for c in chains {
+            let raw: Vec<RawDescriptor> = c
+                .iter()
+                .enumerate()
+                .map(|(i, (a, l, fl))| {
+                    let next = if i + 1 < c.len() {
+                        at + i as u16 + 1
+                    } else {
+                        0
+                    };
+                    let flags = if i + 1 < c.len() { fl | 1 } else { *fl };
+                    RawDescriptor::from(SplitDescriptor::new(*a, *l, flags, next))
+                })
+                .collect();
+            q.add_desc_chains(&raw, at).unwrap();
+            at += c.len() as u16;
+        }
+        let queue: Queue = q.create_queue().unwrap();
+        let mut dev =
+            Block::new(&f.path, read_only, Some("disk-id"), engine, Arc::default()).unwrap();
+        if let Some(len) = shrink_to {
+            // The image shrinks under the running VM: reads past the new end come up short.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&f.path)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+        }
+        let interrupt = Interrupt::new(
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(EventFd::new(0).unwrap()),
+        );
+        dev.activate(Activation {
+            mem: f.mem.clone(),
+            queues: vec![queue],
+            interrupt: interrupt.clone(),
+            acked_features: 0,
+        })
+        .unwrap();
+        dev.start_engine();
+        dev.process_queue();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while q.used().idx().load() < chains.len() as u16 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests never completed"
+            );
+            dev.process_completions();
+        }
+        assert_ne!(interrupt.status(), 0, "the guest is interrupted");
+        (0..chains.len())
+            .map(|i| {
+                let e = q.used().ring().ref_at(i).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    fn header(f: &Fixture, at: u64, kind: u32, sector: u64) {
+        f.mem.write_obj(kind, GuestAddress(at)).unwrap();
+        f.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn status(f: &Fixture, at: u64) -> u8 {
+        f.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    fn engines() -> [EngineKind; 2] {
+        [EngineKind::Sync, EngineKind::IoUring]
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_identifies() {
+        for engine in engines() {
+            let f = fixture();
+            header(&f, HDR, T_IN, 1);
+            header(&f, HDR + 0x100, T_OUT, 2);
+            header(&f, HDR + 0x200, T_FLUSH, 0);
+            header(&f, HDR + 0x300, T_GET_ID, 0);
+            f.mem
+                .write_slice(&[0xab; 512], GuestAddress(DATA + 0x1000))
+                .unwrap();
+            let used = run(
+                &f,
+                engine,
+                false,
+                &[
+                    vec![(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)],
+                    vec![
+                        (HDR + 0x100, 16, 0),
+                        (DATA + 0x1000, 512, 0),
+                        (STATUS + 1, 1, W),
+                    ],
+                    vec![(HDR + 0x200, 16, 0), (STATUS + 2, 1, W)],
+                    vec![
+                        (HDR + 0x300, 16, 0),
+                        (DATA + 0x2000, 20, W),
+                        (STATUS + 3, 1, W),
+                    ],
+                ],
+            );
+            let mut sector = [0u8; 8];
+            f.mem.read_slice(&mut sector, GuestAddress(DATA)).unwrap();
+            assert_eq!(&sector, b"SECTOR01", "{engine:?}");
+            assert_eq!(
+                (0..4).map(|i| status(&f, STATUS + i)).collect::<Vec<_>>(),
+                [S_OK; 4]
+            );
+            let disk = std::fs::read(&f.path).unwrap();
+            assert!(disk[1024..1536].iter().all(|b| *b == 0xab));
+            let mut id = [0u8; 7];
+            f.mem
+                .read_slice(&mut id, GuestAddress(DATA + 0x2000))
+                .unwrap();
+            assert_eq!(&id, b"disk-id");
+            // Used lengths: data + status for the read, status only for the write and flush.
+            let mut lens: Vec<u32> = used.iter().map(|(_, l)| *l).collect();
+            lens.sort_unstable();
+            assert_eq!(lens, [1, 1, 21, 513]);
+        }
+    }
+
+    #[test]
+    fn malformed_chains_get_an_error_status() {
+        for engine in engines() {
+            let f = fixture();
+            header(&f, HDR, T_IN, 7);
+            header(&f, HDR + 0x100, T_IN, 0);
+            header(&f, HDR + 0x200, T_OUT, 0);
+            header(&f, HDR + 0x300, 99, 0);
+            let used = run(
+                &f,
+                engine,
+                true,
+                &[
+                    // Beyond the end of the 8-sector disk.
+                    vec![(HDR, 16, 0), (DATA, 1024, W), (STATUS, 1, W)],
+                    // Data buffer outside guest memory.
+                    vec![
+                        (HDR + 0x100, 16, 0),
+                        (0x7fff_0000, 512, W),
+                        (STATUS + 1, 1, W),
+                    ],
+                    // Write to a read-only disk.
+                    vec![(HDR + 0x200, 16, 0), (DATA, 512, 0), (STATUS + 2, 1, W)],
+                    // Unknown request type.
+                    vec![(HDR + 0x300, 16, 0), (STATUS + 3, 1, W)],
+                    // Status outside guest memory: returned with nothing written.
+                    vec![(HDR, 16, 0), (DATA, 512, W), (0xffff_f000, 1, W)],
+                    // Header outside guest memory.
+                    vec![(0x9000_0000, 16, 0), (STATUS + 5, 1, W)],
+                ],
+            );
+            assert_eq!(status(&f, STATUS), S_IOERR, "{engine:?}");
+            assert_eq!(status(&f, STATUS + 1), S_IOERR);
+            assert_eq!(status(&f, STATUS + 2), S_IOERR);
+            assert_eq!(status(&f, STATUS + 3), S_UNSUPP);
+            assert_eq!(status(&f, STATUS + 5), S_IOERR);
+            assert_eq!(used.len(), 6);
+            assert_eq!(used[4].1, 0, "no status byte could be written");
+            assert_eq!(&std::fs::read(&f.path).unwrap()[..8], b"SECTOR00");
+        }
+    }
+
+    #[test]
+    fn short_reads_get_an_error_status() {
+        for engine in engines() {
+            let f = fixture();
+            header(&f, HDR, T_IN, 0);
+            header(&f, HDR + 0x100, T_IN, 2);
+            run_with(
+                &f,
+                engine,
+                false,
+                &[
+                    vec![(HDR, 16, 0), (DATA, 1024, W), (STATUS, 1, W)],
+                    vec![
+                        (HDR + 0x100, 16, 0),
+                        (DATA + 0x1000, 512, W),
+                        (STATUS + 1, 1, W),
+                    ],
+                ],
+                Some(512),
+            );
+            assert_eq!(
+                status(&f, STATUS),
+                S_IOERR,
+                "{engine:?}: half of the data is missing"
+            );
+            assert_eq!(
+                status(&f, STATUS + 1),
+                S_IOERR,
+                "{engine:?}: all of it is missing"
+            );
+        }
+    }
+}
