@@ -195,11 +195,37 @@ impl PinRoot {
     /// Uses (and creates) `path`, which must be on bpffs.
     pub fn new(path: impl Into<PathBuf>) -> Result<PinRoot, FilterError> {
         let path = path.into();
-        fs::create_dir_all(&path).map_err(io_err(&path))?;
+        if let Err(e) = fs::create_dir_all(&path) {
+            // Creating a directory in sysfs where bpffs should be fails with ENOENT.
+            let parent_bpffs = path
+                .parent()
+                .is_some_and(|p| sys::is_bpffs(p).unwrap_or(false));
+            if !parent_bpffs && !path.is_dir() {
+                return Err(FilterError::NotBpffs(path));
+            }
+            return Err(io_err(&path)(e));
+        }
         if !sys::is_bpffs(&path).map_err(io_err(&path))? {
             return Err(FilterError::NotBpffs(path));
         }
         Ok(PinRoot { path })
+    }
+
+    /// Like [`PinRoot::new`], but first mounts a bpffs on `mount_point` if it is not on one
+    /// (what systemd does for `/sys/fs/bpf`; the agent calls
+    /// `PinRoot::mounting("/sys/fs/bpf", PinRoot::DEFAULT)` at start). `path` must be inside
+    /// `mount_point`. The mount belongs to the host, so pins outlive the agent process.
+    pub fn mounting(
+        mount_point: impl AsRef<Path>,
+        path: impl Into<PathBuf>,
+    ) -> Result<PinRoot, FilterError> {
+        let mount_point = mount_point.as_ref();
+        fs::create_dir_all(mount_point).map_err(io_err(mount_point))?;
+        if !sys::is_bpffs(mount_point).map_err(io_err(mount_point))? {
+            sys::mount_bpffs(mount_point).map_err(io_err(mount_point))?;
+            tracing::info!(path = %mount_point.display(), "mounted bpffs");
+        }
+        PinRoot::new(path)
     }
 
     /// The directory.

@@ -1,6 +1,6 @@
 //! The few `bpf(2)` and `statfs(2)` calls aya 0.14 does not expose: opening a pinned link as a
 //! plain fd, reading a TCX link's interface, detaching a link at once (whoever else holds it),
-//! and checking that a directory is on bpffs. All of this module's `unsafe` is here.
+//! checking that a directory is on bpffs and mounting one. All of this module's `unsafe` is here.
 
 use std::{
     ffi::CString,
@@ -174,6 +174,26 @@ pub fn is_bpffs(path: &Path) -> io::Result<bool> {
     // SAFETY: statfs succeeded, so it filled `st`.
     let st = unsafe { st.assume_init() };
     Ok(st.f_type as libc::c_long == BPF_FS_MAGIC)
+}
+
+/// Mounts a bpffs instance on `path` (an existing directory).
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: all strings are NUL-terminated; bpffs takes no mount data.
+    let r = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The index of interface `name` in the calling thread's network namespace.

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod lab;
+pub mod vlan_push;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub type Mac = [u8; 6];
