@@ -12,10 +12,12 @@
 //! - [`oci`]: test images (busybox, busybox httpd, custom layers) built as OCI layouts and
 //!   pushed with skopeo.
 //! - [`pki`]: test CAs and certificates made with openssl.
+//! - [`netns`]: network namespaces, veth pairs and background processes, removed on drop.
 
 #![deny(missing_docs)]
 
 pub mod artifacts;
+pub mod netns;
 pub mod oci;
 pub mod pki;
 pub mod registry;
