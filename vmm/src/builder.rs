@@ -141,6 +141,14 @@ impl Cleanup {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A virtio device to wire: name, device, its queue events, its I/O-thread subscriber.
+type VirtioEntry = (
+    String,
+    Arc<Mutex<dyn VirtioDevice>>,
+    Vec<EventFd>,
+    Subscriber,
+);
+
 /// A built VM, ready to start.
 pub struct Vmm {
     config: VmConfig,
@@ -173,12 +181,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
         }
         None => None,
     };
-    let mut virtio: Vec<(
-        String,
-        Arc<Mutex<dyn VirtioDevice>>,
-        Vec<EventFd>,
-        Subscriber,
-    )> = Vec::new();
+    let mut virtio: Vec<VirtioEntry> = Vec::new();
     for (i, d) in config.disks.iter().enumerate() {
         let m = Arc::new(BlockMetrics::default());
         let block = Block::new(

@@ -35,7 +35,7 @@ pub fn host_memory_mib() -> u64 {
         return u64::MAX;
     }
     let unit = u64::from(info.mem_unit.max(1));
-    (info.totalram as u64 + info.totalswap as u64).saturating_mul(unit) >> 20
+    info.totalram.saturating_add(info.totalswap).saturating_mul(unit) >> 20
 }
 
 fn unsafe_zeroed_sysinfo() -> libc::sysinfo {

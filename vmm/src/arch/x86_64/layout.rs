@@ -148,7 +148,11 @@ mod tests {
                 );
             }
         }
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+        const {
+            assert!(
+                BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000
+            )
+        };
         assert!(virtio_mmio_addr(VIRTIO_MAX_DEVICES) < IOAPIC_ADDR);
     }
 }

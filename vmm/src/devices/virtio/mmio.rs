@@ -205,21 +205,14 @@ impl MmioTransport {
     fn write32(&mut self, offset: u64, v: u32) {
         match offset {
             0x14 => self.features_select = v,
-            0x20 => {
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.acked_features_select {
-                        0 => {
-                            self.acked_features =
-                                (self.acked_features & !0xffff_ffff) | u64::from(v)
-                        }
-                        1 => {
-                            self.acked_features =
-                                (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
+            // Features are frozen once FEATURES_OK is set.
+            0x20 if self.status & status::FEATURES_OK == 0 => match self.acked_features_select {
+                0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-            }
+                _ => {}
+            },
             0x24 => self.acked_features_select = v,
             0x30 => self.queue_select = v,
             0x38 => self.update_queue(|q| q.set_size(v as u16)),
@@ -249,7 +242,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - CONFIG_SPACE, data);
             return;
         }
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read32(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -263,7 +256,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if let Ok(bytes) = <[u8; 4]>::try_from(data)
-            && offset % 4 == 0
+            && offset.is_multiple_of(4)
         {
             self.write32(offset, u32::from_le_bytes(bytes));
         }

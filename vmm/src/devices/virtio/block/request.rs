@@ -152,7 +152,7 @@ where
             if kind == RequestType::Out && read_only {
                 return Err((RequestError::ReadOnly, Some(status)));
             }
-            if data_len == 0 || data_len % SECTOR_SIZE != 0 || data_len > MAX_DATA_LEN {
+            if data_len == 0 || !data_len.is_multiple_of(SECTOR_SIZE) || data_len > MAX_DATA_LEN {
                 return Err((RequestError::BadLength(data_len), Some(status)));
             }
             let count = data_len / SECTOR_SIZE;

@@ -2,6 +2,7 @@
 //! 1. connects to the host (CID 2) port 1025, sends "ping-from-guest", expects "pong-from-host";
 //! 2. listens on port 5000, accepts the host's connection (hybrid `CONNECT 5000`), expects
 //!    "hello-guest", answers "hello-host".
+//!
 //! Prints `vsock: ok <step>` / `vsock: FAIL <step>` and `vsock: done failures=<n>`.
 
 #![no_std]

@@ -91,7 +91,7 @@ pub enum Engine {
     /// Blocking calls.
     Sync(sync::SyncEngine),
     /// io_uring.
-    Uring(uring::UringEngine),
+    Uring(Box<uring::UringEngine>),
 }
 
 impl Engine {
@@ -99,7 +99,7 @@ impl Engine {
     pub fn new(kind: EngineKind, file: &File) -> std::io::Result<Self> {
         Ok(match kind {
             EngineKind::Sync => Engine::Sync(sync::SyncEngine::new(file)?),
-            EngineKind::IoUring => Engine::Uring(uring::UringEngine::new(file)?),
+            EngineKind::IoUring => Engine::Uring(Box::new(uring::UringEngine::new(file)?)),
         })
     }
 
