@@ -35,7 +35,10 @@ pub fn host_memory_mib() -> u64 {
         return u64::MAX;
     }
     let unit = u64::from(info.mem_unit.max(1));
-    info.totalram.saturating_add(info.totalswap).saturating_mul(unit) >> 20
+    info.totalram
+        .saturating_add(info.totalswap)
+        .saturating_mul(unit)
+        >> 20
 }
 
 fn unsafe_zeroed_sysinfo() -> libc::sysinfo {
