@@ -13,6 +13,8 @@
 
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::fs::File;
 use std::future::Future;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
