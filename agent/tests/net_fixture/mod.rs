@@ -1,11 +1,8 @@
-//! Test fixture for the networking and ingress tests: anonymous network namespaces.
+//! Test fixture for the networking and ingress tests, on top of `hearth_testkit::netns`.
 //!
-//! A [`Netns`] is a fresh network namespace held only by an open file descriptor: nothing is
-//! mounted, no name is registered, and the namespace with every interface, address, route and
-//! nftables table inside it vanishes when the last reference (the fd, a socket, a process)
-//! goes — also when a test panics. Each test builds its "node" inside one, so bridges, NAT
-//! tables and `net.ipv4.ip_forward` never touch the host's own namespace, and concurrent tests
-//! cannot collide.
+//! Each test builds its "node" inside a [`Netns`] of its own (a uniquely named namespace,
+//! deleted on drop, also when a test panics), so bridges, NAT tables and
+//! `net.ipv4.ip_forward` never touch the host's namespace and concurrent tests cannot collide.
 //!
 //! Code runs inside a namespace on a thread of its own ([`Netns::run`], [`Netns::block_on`]):
 //! `setns` changes only the calling thread, and sockets stay bound to the namespace they were
@@ -17,51 +14,34 @@ pub mod upstream;
 
 use std::fs::File;
 use std::future::Future;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::process::{Child, Command};
 
-use nix::sched::CloneFlags;
+use hearth_testkit::netns::NetNs;
 
-/// An anonymous network namespace with `lo` up.
+/// A network namespace with `lo` up, and an open handle to it (for `setns` and for handing it
+/// to the code under test as a namespace fd).
 pub struct Netns {
-    fd: OwnedFd,
+    file: File,
+    ns: NetNs,
 }
 
 impl Netns {
     /// A new namespace.
     pub fn new() -> Netns {
-        let fd = std::thread::spawn(|| {
-            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-            let fd = OwnedFd::from(File::open("/proc/thread-self/ns/net").expect("open netns"));
-            let st = Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("run ip");
-            assert!(st.success(), "ip link set lo up: {st}");
-            fd
-        })
-        .join()
-        .expect("netns thread");
-        Netns { fd }
+        let ns = NetNs::new("agentnet").expect("create a network namespace");
+        let file = File::open(ns.path()).expect("open the namespace");
+        Netns { file, ns }
     }
 
     /// The namespace file.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.file.as_fd()
     }
 
     /// Runs `f` on a thread inside the namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|s| {
-            let h = s.spawn(|| {
-                nix::sched::setns(&self.fd, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            });
-            match h.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        self.ns.run(f)
     }
 
     /// Runs the future `make` returns on a current-thread runtime inside the namespace: every
