@@ -12,6 +12,7 @@
 //! - [`oci`]: test images (busybox, busybox httpd, custom layers) built as OCI layouts and
 //!   pushed with skopeo.
 //! - [`pki`]: test CAs and certificates made with openssl.
+//! - [`rootfs`]: busybox root filesystems (a directory tree, an erofs or ext4 image of it).
 //! - [`netns`]: network namespaces, veth pairs and background processes, removed on drop.
 
 #![deny(missing_docs)]
@@ -21,4 +22,5 @@ pub mod netns;
 pub mod oci;
 pub mod pki;
 pub mod registry;
+pub mod rootfs;
 pub mod skip;
