@@ -53,7 +53,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -96,6 +96,9 @@ pub enum IngressError {
 }
 
 static ACCEPT_WARNINGS: LogLimiter = LogLimiter::new(5);
+
+/// How long a client may take to send a request head (HTTP/1).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The ingress proxy. Cheap to clone (one shared state).
 pub struct Ingress<R: Router> {
@@ -217,7 +220,13 @@ where
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(conn.handle(req).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that trickles its request head must not hold a connection forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(served);
     let result = tokio::select! {
