@@ -145,11 +145,12 @@ fn resolved(reference: &str, img: &hearth_images::CachedImage) -> ResolvedImage 
 }
 
 fn is_not_found(e: &hearth_images::PullError) -> bool {
-    matches!(
-        e,
-        hearth_images::PullError::Registry(hearth_images::registry::RegistryError::Status { status, .. })
-            if status.as_u16() == 404
-    )
+    use hearth_images::registry::RegistryError as R;
+    match e {
+        hearth_images::PullError::Registry(R::NotFound { .. }) => true,
+        hearth_images::PullError::Registry(R::Status { status, .. }) => status.as_u16() == 404,
+        _ => false,
+    }
 }
 
 impl HearthImages {

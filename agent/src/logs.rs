@@ -4,7 +4,8 @@
 //! of a 4-byte big-endian length and a prost `hearth.v1.LogEntry`. Every entry gets an `index`
 //! that increases across boots, so a reader can switch from the files to live entries without
 //! gaps or duplicates. A file is closed when it passes `max_file_bytes`; only the newest
-//! `max_files` are kept. A torn record at the end of a file (a crash mid-write) ends reading
+//! `max_files` are kept. An entry is one line without its newline (`partial` when a long line
+//! was split). A torn record at the end of a file (a crash mid-write) ends reading
 //! of that file.
 
 use std::{
@@ -171,7 +172,7 @@ impl LogSink {
         let entry = pb::LogEntry {
             timestamp_unix_nanos: at,
             stream: pb::LogStream::System as i32,
-            data: format!("hearth: {text}\n").into_bytes(),
+            data: format!("hearth: {text}").into_bytes(),
             boot,
             ..Default::default()
         };

@@ -601,6 +601,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     writeln!(out, "{}", json::log(&l))?;
                 } else {
                     out.write_all(&l.data)?;
+                    if !l.partial {
+                        out.write_all(b"\n")?;
+                    }
                 }
                 out.flush()?;
             }

@@ -1,0 +1,309 @@
+//! Test support for the agent's end-to-end tests: a real agent (in this process, or the
+//! `hearth-agent` binary) with the sandbox runtime, the real static hearth-init, a real
+//! `docker-registry` with test images, and cleanup of every instance process and cgroup on
+//! drop — also when the test fails.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use hearth_agent::{
+    config::{Config, RuntimeKind},
+    ctl::{self, Client},
+    daemon::{Daemon, Listeners},
+    images::HearthImages,
+    model::pb,
+    runtime::cgroup::Layout,
+};
+use hearth_testkit::registry::Registry;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name for this test's resources.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Where a test agent keeps everything, and how it is cleaned up.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub cfg: Config,
+    pub registry: Arc<Registry>,
+}
+
+impl Env {
+    /// A config for the sandbox runtime in a temp dir, with `registry` as an insecure registry.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        // Short paths: Unix socket paths are limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("ha")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut cfg = Config::default();
+        cfg.runtime = RuntimeKind::Sandbox;
+        cfg.state_dir = dir.path().join("s");
+        cfg.run_dir = dir.path().join("r");
+        cfg.api.socket = dir.path().join("r/api.sock");
+        cfg.api.drain_timeout = Duration::from_secs(2);
+        cfg.metrics.listen = "127.0.0.1:0".into();
+        cfg.sandbox.init_path = hearth_testkit::artifacts::hearth_init();
+        cfg.cgroup.parent = unique("hearth-test");
+        cfg.images.insecure_registries = vec![registry.host()];
+        cfg.lifecycle.kill_margin = Duration::from_secs(2);
+        cfg.lifecycle.init_connect_timeout = Duration::from_secs(60);
+        Self { dir, cfg, registry }
+    }
+
+    /// Kills every process in the test's instance cgroups and removes them.
+    pub fn cleanup_cgroups(&self) {
+        let Ok(layout) = Layout::host(&self.cfg.cgroup.parent) else {
+            return;
+        };
+        for (_, parent) in &layout.parents {
+            if let Ok(rd) = std::fs::read_dir(parent) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let id = e.file_name().to_string_lossy().into_owned();
+                        let cg = layout.instance(&id);
+                        cg.kill_all();
+                        let _ = cg.remove();
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+
+    /// Writes the config as a file (for the agent binary).
+    pub fn write_config(&self) -> PathBuf {
+        let p = self.dir.path().join("agent.toml");
+        let mut cfg = self.cfg.clone();
+        cfg.metrics.listen = String::new();
+        std::fs::write(&p, cfg.to_toml()).unwrap();
+        p
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.cleanup_cgroups();
+    }
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    pub daemon: Option<Daemon>,
+    pub client: Client,
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+impl TestAgent {
+    pub async fn start(env: &Env) -> Self {
+        let images = Arc::new(HearthImages::open(&env.cfg).expect("image cache opens"));
+        let listeners = Listeners::bind(&env.cfg).await.expect("listeners bind");
+        let metrics_addr = listeners.metrics.as_ref().unwrap().local_addr().unwrap();
+        let daemon = Daemon::start(env.cfg.clone(), images, listeners)
+            .await
+            .expect("agent starts");
+        let client = ctl::connect(&env.cfg.api.socket)
+            .await
+            .expect("client connects");
+        Self {
+            daemon: Some(daemon),
+            client,
+            metrics_addr,
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await;
+        }
+    }
+}
+
+/// The registry shared by the tests of one binary, with the test images pushed once.
+pub struct Images {
+    pub registry: Arc<Registry>,
+    pub httpd: String,
+    pub busybox: String,
+}
+
+pub fn images() -> Images {
+    let registry = Arc::new(Registry::start());
+    let httpd = hearth_testkit::oci::httpd_image().push(&registry, "hearth/httpd", "v1");
+    let busybox = hearth_testkit::oci::busybox_image().push(&registry, "hearth/busybox", "v1");
+    Images {
+        registry,
+        httpd,
+        busybox,
+    }
+}
+
+/// A spec running `sh -c script` in the busybox image.
+pub fn sh_spec(image: &str, script: &str) -> pb::InstanceSpec {
+    pb::InstanceSpec {
+        image: image.to_owned(),
+        entrypoint: Some(pb::Command {
+            args: vec!["/bin/sh".into()],
+        }),
+        cmd: Some(pb::Command {
+            args: vec!["-c".into(), script.to_owned()],
+        }),
+        instance_type: Some(pb::InstanceType {
+            vcpus: 1,
+            memory_mib: 64,
+            disk_mib: 64,
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn state(i: &pb::Instance) -> pb::InstanceState {
+    pb::InstanceState::try_from(i.state).unwrap()
+}
+
+/// Polls until the instance is in one of `states` (generous timeout: two busy cores).
+pub async fn wait_state(
+    c: &mut Client,
+    id: &str,
+    states: &[pb::InstanceState],
+    timeout: Duration,
+) -> pb::Instance {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let i = c
+            .get_instance(pb::GetInstanceRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if states.contains(&state(&i)) {
+            return i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance {id} stayed {:?} (wanted {states:?}): {i:?}",
+            state(&i)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every stored event of `id`.
+pub async fn events(c: &mut Client, id: &str) -> Vec<pb::Event> {
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            from_seq: 1,
+            instance_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), s.next()).await {
+        out.push(e.unwrap());
+    }
+    out
+}
+
+pub fn names(evs: &[pb::Event]) -> Vec<&'static str> {
+    evs.iter().map(hearth_agent::model::event_name).collect()
+}
+
+/// The stopped event's exit status.
+pub fn stopped_exit(evs: &[pb::Event]) -> pb::ExitStatus {
+    evs.iter()
+        .rev()
+        .find_map(|e| match &e.kind {
+            Some(pb::event::Kind::Stopped(s)) => s.exit.clone(),
+            _ => None,
+        })
+        .expect("a stopped event")
+}
+
+/// All log text of an instance.
+pub async fn logs(c: &mut Client, id: &str) -> String {
+    let mut s = c
+        .stream_logs(pb::StreamLogsRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(l) = s.next().await {
+        let l = l.unwrap();
+        out.extend(l.data);
+        if !l.partial {
+            out.push(b'\n');
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `hearth-agent` binary as a child process (for SIGKILL tests).
+pub struct AgentProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn spawn(config: &Path, socket: &Path, log: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hearth-agent"))
+            .arg("--config")
+            .arg(config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            socket: socket.to_owned(),
+        }
+    }
+
+    pub async fn client(&mut self) -> Client {
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("hearth-agent exited early: {status}");
+            }
+            if let Ok(mut c) = ctl::connect(&self.socket).await
+                && c.get_node(pb::GetNodeRequest {}).await.is_ok()
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("hearth-agent did not come up");
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

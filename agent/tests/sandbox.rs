@@ -1,0 +1,675 @@
+//! The agent end to end with the sandbox runtime: a real registry, the real static hearth-init
+//! as PID 1 in namespaces, real cgroups, the real gRPC API over a Unix socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt as _;
+use hearth_agent::model::pb;
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let id = "web-1";
+    let spec = pb::InstanceSpec {
+        image: img.httpd.clone(),
+        default_port: 8080,
+        required_ports: vec![8080],
+        labels: [("app".to_owned(), "web".to_owned())].into(),
+        ..Default::default()
+    };
+    let created = c
+        .create_instance(pb::CreateInstanceRequest {
+            id: id.into(),
+            spec: Some(spec.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&created), pb::InstanceState::Created);
+    assert!(created.image_digest.starts_with("sha256:"));
+    // Idempotent for the same spec.
+    let again = c
+        .create_instance(pb::CreateInstanceRequest {
+            id: id.into(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.created_at_unix_nanos, created.created_at_unix_nanos);
+
+    c.start_instance(pb::StartInstanceRequest { id: id.into() })
+        .await
+        .unwrap();
+    let ready = wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
+    assert_eq!(ready.boots, 1);
+    assert_ne!(ready.started_at_unix_nanos, 0);
+
+    // The server answers inside the instance.
+    let r = c
+        .exec(pb::ExecRequest {
+            id: id.into(),
+            argv: vec![
+                "/bin/wget".into(),
+                "-q".into(),
+                "-O".into(),
+                "-".into(),
+                "http://127.0.0.1:8080/".into(),
+            ],
+            timeout_millis: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert_eq!(r.stdout, hearth_testkit::oci::HTTPD_INDEX);
+
+    // Logs: httpd -v logs each response on stderr.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let text = logs(&mut c, id).await;
+        if text.contains("response:200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request log in {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Metrics from init, through the API and the Prometheus endpoint.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let m = c
+            .get_metrics(pb::GetMetricsRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .remove(0);
+        if m.memory_used_bytes > 0 && m.process_count > 0 {
+            assert!(m.log_bytes > 0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no metrics: {m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = prometheus(agent.metrics_addr).await;
+    assert!(
+        text.contains("hearth_instance_memory_used_bytes{instance=\"web-1\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hearth_instances{state=\"healthy\"} 1"),
+        "{text}"
+    );
+
+    // Label filter.
+    let listed = c
+        .list_instances(pb::ListInstancesRequest {
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(listed.len(), 1);
+
+    c.stop_instance(pb::StopInstanceRequest {
+        id: id.into(),
+        signal: 0,
+        grace_millis: Some(30_000),
+    })
+    .await
+    .unwrap();
+    let stopped = wait_state(&mut c, id, &[pb::InstanceState::Stopped], LONG).await;
+    let exit = stopped.exit.unwrap();
+    assert!(exit.requested);
+    assert!(!exit.killed_after_grace);
+
+    let evs = events(&mut c, id).await;
+    assert_eq!(
+        names(&evs),
+        [
+            "created", "starting", "started", "ready", "stopping", "stopped"
+        ]
+    );
+    for w in evs.windows(2) {
+        assert!(w[1].seq > w[0].seq, "seqs increase: {evs:?}");
+        assert!(w[1].at_unix_nanos >= w[0].at_unix_nanos);
+    }
+    assert_eq!(stopped_exit(&evs), exit);
+
+    // A restart gets a fresh boot.
+    c.start_instance(pb::StartInstanceRequest { id: id.into() })
+        .await
+        .unwrap();
+    let again = wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
+    assert_eq!(again.boots, 2);
+    c.destroy_instance(pb::DestroyInstanceRequest { id: id.into() })
+        .await
+        .unwrap();
+    let err = c
+        .get_instance(pb::GetInstanceRequest { id: id.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let evs = events(&mut c, id).await;
+    assert_eq!(names(&evs).last(), Some(&"destroyed"));
+    assert_eq!(
+        pb::StopReason::try_from(stopped_exit(&evs).reason).unwrap(),
+        pb::StopReason::Destroyed
+    );
+    agent.shutdown().await;
+}
+
+async fn prometheus(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_handled_exits_0_and_sigterm_ignored_is_killed_after_grace() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let polite = sh_spec(
+        &img.busybox,
+        "trap 'echo got TERM; exit 0' TERM; echo up; while :; do sleep 0.2; done",
+    );
+    let stubborn = sh_spec(
+        &img.busybox,
+        "trap '' TERM; echo up; while :; do sleep 0.2; done",
+    );
+    for (id, spec) in [("polite", polite), ("stubborn", stubborn)] {
+        c.create_instance(pb::CreateInstanceRequest {
+            id: id.into(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
+        c.start_instance(pb::StartInstanceRequest { id: id.into() })
+            .await
+            .unwrap();
+    }
+    for id in ["polite", "stubborn"] {
+        wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
+    }
+    c.stop_instance(pb::StopInstanceRequest {
+        id: "polite".into(),
+        signal: 0,
+        grace_millis: Some(60_000),
+    })
+    .await
+    .unwrap();
+    let grace_ms = 1_500;
+    c.stop_instance(pb::StopInstanceRequest {
+        id: "stubborn".into(),
+        signal: 0,
+        grace_millis: Some(grace_ms),
+    })
+    .await
+    .unwrap();
+
+    let p = wait_state(&mut c, "polite", &[pb::InstanceState::Stopped], LONG).await;
+    let e = p.exit.unwrap();
+    assert_eq!(
+        (e.exit_code, e.reason),
+        (0, pb::StopReason::Exit as i32),
+        "{e:?}"
+    );
+    assert!(!e.killed_after_grace);
+    assert!(logs(&mut c, "polite").await.contains("got TERM"));
+
+    let s = wait_state(&mut c, "stubborn", &[pb::InstanceState::Stopped], LONG).await;
+    let e = s.exit.unwrap();
+    assert_eq!(e.exit_code, 137, "{e:?}");
+    assert!(e.killed_after_grace, "{e:?}");
+    let evs = events(&mut c, "stubborn").await;
+    let stopping = evs
+        .iter()
+        .find(|e| hearth_agent::model::event_name(e) == "stopping")
+        .unwrap();
+    let stopped = evs.last().unwrap();
+    let waited = (stopped.at_unix_nanos - stopping.at_unix_nanos) / 1_000_000;
+    assert!(
+        waited >= grace_ms - 100,
+        "SIGKILL came after the grace ({waited} ms)"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sleep_after_expiry_emits_activity_expired_then_stops_unless_renewed() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let mut sleepy = sh_spec(&img.busybox, "while :; do sleep 0.2; done");
+    sleepy.sleep_after_millis = Some(2_000);
+    sleepy.stop_grace_millis = Some(1_000);
+    let mut notify = sleepy.clone();
+    notify.activity_expiry = pb::ActivityExpiry::Notify as i32;
+    for (id, spec) in [("sleepy", sleepy), ("notify", notify)] {
+        c.create_instance(pb::CreateInstanceRequest {
+            id: id.into(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
+        c.start_instance(pb::StartInstanceRequest { id: id.into() })
+            .await
+            .unwrap();
+    }
+    wait_state(&mut c, "sleepy", &[pb::InstanceState::Healthy], LONG).await;
+    // Renewals keep it awake past sleep_after.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let i = c
+            .renew_activity(pb::RenewActivityRequest {
+                id: "sleepy".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(state(&i), pb::InstanceState::Healthy);
+    }
+    let s = wait_state(&mut c, "sleepy", &[pb::InstanceState::Stopped], LONG).await;
+    assert!(s.exit.unwrap().requested);
+    let evs = events(&mut c, "sleepy").await;
+    let n = names(&evs);
+    let expired = n
+        .iter()
+        .position(|e| *e == "activity_expired")
+        .expect("expired");
+    assert_eq!(&n[expired..], ["activity_expired", "stopping", "stopped"]);
+    let Some(pb::event::Kind::Stopping(st)) = &evs[expired + 1].kind else {
+        panic!("stopping");
+    };
+    assert_eq!(st.cause, pb::StopCause::ActivityExpired as i32);
+    // At least 3 s passed from start to expiry (the renewals), sleep_after is 2 s.
+    let started = evs
+        .iter()
+        .find(|e| hearth_agent::model::event_name(e) == "started")
+        .unwrap();
+    assert!(evs[expired].at_unix_nanos - started.at_unix_nanos >= 3_000_000_000);
+
+    // Notify only: the event, and the instance keeps running.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let evs = events(&mut c, "notify").await;
+        if names(&evs).contains(&"activity_expired") {
+            let Some(pb::event::Kind::ActivityExpired(a)) = &evs.last().unwrap().kind else {
+                panic!("activity_expired is the last event: {evs:?}");
+            };
+            assert!(!a.will_stop);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let i = c
+        .get_instance(pb::GetInstanceRequest {
+            id: "notify".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&i), pb::InstanceState::Healthy);
+    c.destroy_instance(pb::DestroyInstanceRequest {
+        id: "notify".into(),
+    })
+    .await
+    .unwrap();
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "a".into(),
+        spec: Some(sh_spec(&img.busybox, "sleep 1000")),
+    })
+    .await
+    .unwrap();
+
+    async fn snapshot(c: &mut hearth_agent::ctl::Client) -> (Vec<pb::Instance>, u64) {
+        let list = c
+            .list_instances(pb::ListInstancesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .instances;
+        let node = c
+            .get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        (list, node.last_event_seq)
+    }
+    let before = snapshot(&mut c).await;
+
+    let cases: Vec<(&str, tonic::Status, Code, &str)> = vec![
+        (
+            "unknown image",
+            c.create_instance(pb::CreateInstanceRequest {
+                id: "b".into(),
+                spec: Some(sh_spec(
+                    &format!("{}/hearth/nope:v1", img.registry.host()),
+                    "true",
+                )),
+            })
+            .await
+            .unwrap_err(),
+            Code::NotFound,
+            "not found",
+        ),
+        (
+            "invalid id",
+            c.create_instance(pb::CreateInstanceRequest {
+                id: "Bad_Id".into(),
+                spec: Some(sh_spec(&img.busybox, "true")),
+            })
+            .await
+            .unwrap_err(),
+            Code::InvalidArgument,
+            "Invalid instance id \"Bad_Id\"",
+        ),
+        (
+            "same id, other spec",
+            c.create_instance(pb::CreateInstanceRequest {
+                id: "a".into(),
+                spec: Some(sh_spec(&img.busybox, "sleep 999")),
+            })
+            .await
+            .unwrap_err(),
+            Code::AlreadyExists,
+            "already exists with a different spec",
+        ),
+        (
+            "negative grace",
+            c.stop_instance(pb::StopInstanceRequest {
+                id: "a".into(),
+                signal: 0,
+                grace_millis: Some(-1),
+            })
+            .await
+            .unwrap_err(),
+            Code::InvalidArgument,
+            "grace_millis is negative",
+        ),
+        (
+            "negative grace in a spec",
+            c.create_instance(pb::CreateInstanceRequest {
+                id: "c".into(),
+                spec: Some(pb::InstanceSpec {
+                    stop_grace_millis: Some(-5),
+                    ..sh_spec(&img.busybox, "true")
+                }),
+            })
+            .await
+            .unwrap_err(),
+            Code::InvalidArgument,
+            "stop_grace_millis is negative",
+        ),
+        (
+            "unknown instance",
+            c.start_instance(pb::StartInstanceRequest { id: "zzz".into() })
+                .await
+                .unwrap_err(),
+            Code::NotFound,
+            "Instance \"zzz\" not found",
+        ),
+        (
+            "missing spec",
+            c.create_instance(pb::CreateInstanceRequest {
+                id: "d".into(),
+                spec: None,
+            })
+            .await
+            .unwrap_err(),
+            Code::InvalidArgument,
+            "spec is missing",
+        ),
+        (
+            "bad image reference",
+            c.prefetch_image(pb::PrefetchImageRequest {
+                reference: "Not A Ref".into(),
+            })
+            .await
+            .err()
+            .unwrap(),
+            Code::InvalidArgument,
+            "not an image reference",
+        ),
+    ];
+    for (what, status, code, text) in cases {
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(text),
+            "{what}: {:?} lacks {text:?}",
+            status.message()
+        );
+    }
+    assert_eq!(snapshot(&mut c).await, before, "no state change");
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_memory_limit_is_stopped_oom_137() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let spec = pb::InstanceSpec {
+        image: img.busybox.clone(),
+        entrypoint: Some(pb::Command {
+            args: vec!["/bin/busybox".into()],
+        }),
+        cmd: Some(pb::Command {
+            args: vec![
+                "dd".into(),
+                "if=/dev/zero".into(),
+                "of=/dev/null".into(),
+                "bs=128M".into(),
+                "count=4".into(),
+            ],
+        }),
+        instance_type: Some(pb::InstanceType {
+            vcpus: 1,
+            memory_mib: 32,
+            disk_mib: 16,
+        }),
+        ..Default::default()
+    };
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "hog".into(),
+        spec: Some(spec),
+    })
+    .await
+    .unwrap();
+    c.start_instance(pb::StartInstanceRequest { id: "hog".into() })
+        .await
+        .unwrap();
+    let i = wait_state(
+        &mut c,
+        "hog",
+        &[pb::InstanceState::Stopped, pb::InstanceState::Failed],
+        LONG,
+    )
+    .await;
+    let e = i.exit.unwrap();
+    assert_eq!(
+        (e.exit_code, pb::StopReason::try_from(e.reason).unwrap()),
+        (137, pb::StopReason::Oom),
+        "{e:?}"
+    );
+    let evs = events(&mut c, "hog").await;
+    assert_eq!(stopped_exit(&evs).reason, pb::StopReason::Oom as i32);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_instances_start_concurrently() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let c = agent.client.clone();
+    let ids: Vec<String> = (0..50).map(|i| format!("many-{i}")).collect();
+    let spec = pb::InstanceSpec {
+        instance_type: Some(pb::InstanceType {
+            vcpus: 1,
+            memory_mib: 32,
+            disk_mib: 8,
+        }),
+        ..sh_spec(&img.busybox, "echo up; while :; do sleep 1; done")
+    };
+    let starts = ids.iter().map(|id| {
+        let mut c = c.clone();
+        let spec = spec.clone();
+        let id = id.clone();
+        async move {
+            c.create_instance(pb::CreateInstanceRequest {
+                id: id.clone(),
+                spec: Some(spec),
+            })
+            .await?;
+            c.start_instance(pb::StartInstanceRequest { id }).await
+        }
+    });
+    let results = futures::future::join_all(starts).await;
+    for (id, r) in ids.iter().zip(&results) {
+        assert!(r.is_ok(), "{id}: {r:?}");
+    }
+    let mut c2 = c.clone();
+    for id in &ids {
+        wait_state(
+            &mut c2,
+            id,
+            &[pb::InstanceState::Healthy],
+            Duration::from_secs(300),
+        )
+        .await;
+    }
+    let node = c2
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.instances_running, 50);
+    let destroys = ids.iter().map(|id| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move { c.destroy_instance(pb::DestroyInstanceRequest { id }).await }
+    });
+    for r in futures::future::join_all(destroys).await {
+        r.unwrap();
+    }
+    let node = c2
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.instances, 0);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_logs_and_watch_events_stream_live() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let node = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut watch = c
+        .watch_events(pb::WatchEventsRequest {
+            from_seq: 0,
+            instance_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "ticker".into(),
+        spec: Some(sh_spec(
+            &img.busybox,
+            "i=0; while [ $i -lt 1000 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+        )),
+    })
+    .await
+    .unwrap();
+    c.start_instance(pb::StartInstanceRequest {
+        id: "ticker".into(),
+    })
+    .await
+    .unwrap();
+    let first = watch.next().await.unwrap().unwrap();
+    assert_eq!(first.seq, node.last_event_seq + 1);
+    assert_eq!(hearth_agent::model::event_name(&first), "created");
+    let mut logs = c
+        .stream_logs(pb::StreamLogsRequest {
+            id: "ticker".into(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = String::new();
+    while !seen.contains("tick 5\n") {
+        let l = tokio::time::timeout(LONG, logs.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&l.data));
+        seen.push('\n');
+    }
+    assert!(seen.contains("tick 0\ntick 1\n"), "{seen}");
+    c.destroy_instance(pb::DestroyInstanceRequest {
+        id: "ticker".into(),
+    })
+    .await
+    .unwrap();
+    agent.shutdown().await;
+}
