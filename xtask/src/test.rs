@@ -153,6 +153,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "--quiet",
         ]))
     });
+    check(
+        "e2e --tcg (guest kernel + hearth-init under qemu)",
+        &mut || crate::e2e::tcg(false),
+    );
     check("fuzz smoke runs", &mut || {
         fuzz_smoke(&root, args.fuzz_seconds)
     });
