@@ -77,10 +77,7 @@ fn rootfs_err(e: rootfs::RootfsError) -> PrepareError {
 }
 
 /// Assembles the root filesystem and switches into it; returns the scratch handle.
-fn assemble_root(
-    spec: &InstanceSpec,
-    mode: Mode,
-) -> Result<(Option<File>, Vec<mounts::Prepared>), PrepareError> {
+fn assemble_root(spec: &InstanceSpec, mode: Mode) -> Result<Option<File>, PrepareError> {
     let root = spec.root.clone().unwrap_or_default();
     rootfs::make_private().map_err(rootfs_err)?;
     let image = PathBuf::from(&root.image);
@@ -115,15 +112,15 @@ fn assemble_root(
             path: root.scratch_device.clone().into(),
         }
     };
-    // Bind sources are outside the instance: open them before leaving the host's root.
-    let extra = mounts::prepare(&spec.mounts).map_err(rootfs_err)?;
     let (layout, steps) =
         rootfs::overlay_steps(Path::new(STAGING), &device, &root.fstype, &scratch);
     rootfs::apply(&steps).map_err(rootfs_err)?;
     let scratch_file = File::open(&layout.scratch).ok();
     rootfs::apply(&rootfs::pseudo_steps(&layout.root, mode)).map_err(rootfs_err)?;
+    // Bind sources are outside the instance: mount before leaving the host's root.
+    mounts::mount_all(&spec.mounts, &layout.root).map_err(rootfs_err)?;
     rootfs::switch_root(&layout.root, mode).map_err(rootfs_err)?;
-    Ok((scratch_file, extra))
+    Ok(scratch_file)
 }
 
 /// Prepares everything; on success the process is inside the instance root.
@@ -162,7 +159,7 @@ pub async fn prepare(spec: &InstanceSpec, mode: Mode) -> Result<Prepared, Prepar
         Mode::Vm => None,
     };
 
-    let (scratch, extra) = assemble_root(spec, mode)?;
+    let scratch = assemble_root(spec, mode)?;
 
     let cgroups = match sandbox_cgroups {
         Some(cg) => cg,
@@ -174,7 +171,6 @@ pub async fn prepare(spec: &InstanceSpec, mode: Mode) -> Result<Prepared, Prepar
             Cgroups::vm_wide()
         }),
     };
-    mounts::mount_all(extra).map_err(rootfs_err)?;
 
     nix::unistd::sethostname(&hostname).map_err(|e| {
         PrepareError::new(

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
+use futures::{SinkExt as _, StreamExt as _};
 use hearth_proto::{
     channel::{ChannelError, GuestChannel},
     init::{Exec, Hello, HostMessage, InstanceSpec, LogStream, Pong, guest_message, host_message},
@@ -417,54 +417,50 @@ impl Link {
 
     async fn session(&self, channel: GuestChannel<Conn>) -> End {
         let (mut sink, mut stream) = channel.into_framed().split();
-        loop {
-            // Take what the agent already sent before writing more, so a flood of output
-            // cannot starve Stop, Exec or the acknowledgements.
-            while let Some(frame) = stream.next().now_or_never() {
-                match frame {
+        // Reading never waits for writing: the agent's acknowledgements, Stop and Exec get
+        // through even while a flood of output fills the socket.
+        let reader = async {
+            loop {
+                match stream.next().await {
                     None => return End::Broken("the agent closed the connection".into()),
                     Some(Err(e)) => return End::Broken(format!("{e:#}")),
                     Some(Ok(HostMessage { msg: Some(m) })) => self.dispatch(m),
                     Some(Ok(_)) => {}
                 }
             }
-            let batch = self.outbox.take(256);
-            if !batch.is_empty() {
-                for msg in batch {
-                    if let Err(e) = sink.feed(msg).await {
-                        return End::Broken(e.to_string());
+        };
+        let writer = async {
+            loop {
+                let batch = self.outbox.take(256);
+                if !batch.is_empty() {
+                    for msg in batch {
+                        sink.feed(msg).await.map_err(|e| e.to_string())?;
                     }
+                    sink.flush().await.map_err(|e| e.to_string())?;
+                    continue;
                 }
-                if let Err(e) = sink.flush().await {
-                    return End::Broken(e.to_string());
+                if self.handle.lock().finishing && self.outbox.drained() {
+                    // Everything is written: half-close; the agent closing its side says it
+                    // has read everything.
+                    sink.close().await.map_err(|e| e.to_string())?;
+                    return Ok::<(), String>(());
                 }
-                continue;
-            }
-            let finishing = self.handle.lock().finishing;
-            if finishing && self.outbox.drained() {
-                // Everything is written: half-close and wait for the agent to close its side,
-                // which says it has read everything.
-                if let Err(e) = sink.close().await {
-                    return End::Broken(e.to_string());
-                }
-                loop {
-                    match stream.next().await {
-                        None | Some(Err(_)) => return End::Finished,
-                        Some(Ok(HostMessage { msg: Some(m) })) => self.dispatch(m),
-                        Some(Ok(_)) => {}
-                    }
+                tokio::select! {
+                    () = self.outbox.changed() => {}
+                    () = self.handle.finish.notified() => {}
                 }
             }
-            tokio::select! {
-                frame = stream.next() => match frame {
-                    None => return End::Broken("the agent closed the connection".into()),
-                    Some(Err(e)) => return End::Broken(format!("{e:#}")),
-                    Some(Ok(HostMessage { msg: Some(m) })) => self.dispatch(m),
-                    Some(Ok(_)) => {}
+        };
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            end = &mut reader => end,
+            written = &mut writer => match written {
+                Err(e) => End::Broken(e),
+                Ok(()) => match reader.await {
+                    // After our half-close, the agent's close is the end we wait for.
+                    End::Broken(_) | End::Finished => End::Finished,
                 },
-                () = self.outbox.changed() => {}
-                () = self.handle.finish.notified() => {}
-            }
+            },
         }
     }
 }

@@ -1,14 +1,14 @@
-//! The spec's extra mounts: option words to flags, bind sources opened before the switch, the
-//! mounts made inside the instance root after it.
+//! The spec's extra mounts: option words to flags; the mounts, made inside the new root before
+//! the switch (while bind sources on the host are reachable) on targets that may not traverse
+//! a symlink.
 
 use std::{
     fs,
-    os::fd::{AsRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    path::{Component, Path, PathBuf},
 };
 
 use hearth_proto::init::Mount;
-use nix::{fcntl::OFlag, mount::MsFlags, sys::stat::Mode as FileMode};
+use nix::mount::MsFlags;
 
 use super::RootfsError;
 
@@ -62,15 +62,6 @@ pub fn parse_options(options: &[String], read_only: bool) -> Options {
     }
 }
 
-/// An extra mount, its bind source (if any) already opened.
-#[derive(Debug)]
-pub struct Prepared {
-    spec: Mount,
-    options: Options,
-    source_fd: Option<OwnedFd>,
-    source_is_dir: bool,
-}
-
 fn extra(target: &str, why: impl Into<String>) -> RootfsError {
     RootfsError::Extra {
         target: target.into(),
@@ -78,91 +69,88 @@ fn extra(target: &str, why: impl Into<String>) -> RootfsError {
     }
 }
 
-/// Opens the bind sources (they are paths outside the instance, gone after the switch).
-pub fn prepare(mounts: &[Mount]) -> Result<Vec<Prepared>, RootfsError> {
-    mounts
-        .iter()
-        .map(|m| {
-            let options = parse_options(&m.options, m.read_only);
-            let (source_fd, source_is_dir) = if options.bind {
-                let fd = nix::fcntl::open(
-                    Path::new(&m.source),
-                    OFlag::O_PATH | OFlag::O_CLOEXEC,
-                    FileMode::empty(),
-                )
-                .map_err(|e| extra(&m.target, format!("cannot open {}: {e}", m.source)))?;
-                let is_dir = fs::metadata(&m.source).is_ok_and(|md| md.is_dir());
-                (Some(fd), is_dir)
-            } else {
-                (None, true)
-            };
-            Ok(Prepared {
-                spec: m.clone(),
-                options,
-                source_fd,
-                source_is_dir,
-            })
-        })
-        .collect()
+/// `target` (absolute, inside the instance) below `root`, creating what is missing: directories,
+/// and for `file` an empty file as the last component. A symlink on the way is refused: the
+/// image must not be able to point init's mounts outside the instance.
+pub fn safe_target(root: &Path, target: &str, file: bool) -> Result<PathBuf, RootfsError> {
+    let parts: Vec<Component<'_>> = Path::new(target).components().collect();
+    let mut path = root.to_path_buf();
+    for (i, c) in parts.iter().enumerate() {
+        let name = match c {
+            Component::RootDir | Component::CurDir => continue,
+            Component::Normal(n) => n,
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(extra(target, "the target must not contain `..`"));
+            }
+        };
+        path.push(name);
+        let last = i + 1 == parts.len();
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(extra(target, "the target path contains a symlink"));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let made = if last && file {
+                    fs::write(&path, b"")
+                } else {
+                    fs::create_dir(&path)
+                };
+                made.map_err(|e| extra(target, format!("cannot create the target: {e}")))?;
+            }
+            Err(e) => return Err(extra(target, format!("cannot inspect the target: {e}"))),
+        }
+    }
+    Ok(path)
 }
 
-/// Makes the mounts; runs after the switch, so targets resolve inside the instance.
-pub fn mount_all(prepared: Vec<Prepared>) -> Result<(), RootfsError> {
-    for p in prepared {
-        let target = PathBuf::from(&p.spec.target);
-        if p.source_is_dir {
-            fs::create_dir_all(&target)
-                .map_err(|e| extra(&p.spec.target, format!("cannot create the target: {e}")))?;
-        } else if !target.exists() {
-            if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| extra(&p.spec.target, format!("cannot create the target: {e}")))?;
-            }
-            fs::write(&target, b"")
-                .map_err(|e| extra(&p.spec.target, format!("cannot create the target: {e}")))?;
-        }
-        let fail = |e: nix::Error| extra(&p.spec.target, format!("mount failed: {e}"));
-        match &p.source_fd {
-            Some(fd) => {
-                // The opened source, reached through /proc of the instance.
-                let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
-                let bind = p.options.flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
+/// Makes the spec's mounts inside `root` (the new root, before the switch, so bind sources
+/// on the host are still reachable).
+pub fn mount_all(mounts: &[Mount], root: &Path) -> Result<(), RootfsError> {
+    for m in mounts {
+        let options = parse_options(&m.options, m.read_only);
+        let fail = |e: nix::Error| extra(&m.target, format!("mount failed: {e}"));
+        if options.bind {
+            let is_dir = fs::metadata(&m.source)
+                .map_err(|e| extra(&m.target, format!("cannot use {}: {e}", m.source)))?
+                .is_dir();
+            let target = safe_target(root, &m.target, !is_dir)?;
+            let bind = options.flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
+            nix::mount::mount(
+                Some(m.source.as_str()),
+                &target,
+                None::<&str>,
+                bind,
+                None::<&str>,
+            )
+            .map_err(fail)?;
+            // A bind mount takes other flags only on a remount.
+            let rest = options.flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
+            if !rest.is_empty() {
                 nix::mount::mount(
-                    Some(source.as_str()),
+                    None::<&str>,
                     &target,
                     None::<&str>,
-                    bind,
+                    rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
                     None::<&str>,
                 )
                 .map_err(fail)?;
-                // Bind mounts take other flags only on a remount.
-                let rest = p.options.flags - (MsFlags::MS_BIND | MsFlags::MS_REC);
-                if !rest.is_empty() {
-                    nix::mount::mount(
-                        None::<&str>,
-                        &target,
-                        None::<&str>,
-                        rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
-                        None::<&str>,
-                    )
-                    .map_err(fail)?;
-                }
             }
-            None => {
-                let source = if p.spec.source.is_empty() {
-                    p.spec.fstype.as_str()
-                } else {
-                    p.spec.source.as_str()
-                };
-                nix::mount::mount(
-                    Some(source),
-                    &target,
-                    Some(p.spec.fstype.as_str()),
-                    p.options.flags,
-                    (!p.options.data.is_empty()).then_some(p.options.data.as_str()),
-                )
-                .map_err(fail)?;
-            }
+        } else {
+            let target = safe_target(root, &m.target, false)?;
+            let source = if m.source.is_empty() {
+                m.fstype.as_str()
+            } else {
+                m.source.as_str()
+            };
+            nix::mount::mount(
+                Some(source),
+                &target,
+                Some(m.fstype.as_str()),
+                options.flags,
+                (!options.data.is_empty()).then_some(options.data.as_str()),
+            )
+            .map_err(fail)?;
         }
     }
     Ok(())
