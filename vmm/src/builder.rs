@@ -151,6 +151,15 @@ type VirtioEntry = (
 
 /// A built VM, ready to start.
 pub struct Vmm {
+    p: VmmParts,
+    // Kept alive for as long as the guest runs.
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+    _kvm: kvm_ioctls::Kvm,
+}
+
+/// What the VMM's threads use.
+struct VmmParts {
     config: VmConfig,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -159,10 +168,6 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     subscribers: Vec<Subscriber>,
     control: Option<ControlServer>,
-    // Kept alive for as long as the guest runs.
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
-    _kvm: kvm_ioctls::Kvm,
 }
 
 fn evt() -> Result<EventFd, BuildError> {
@@ -173,9 +178,9 @@ fn evt() -> Result<EventFd, BuildError> {
 pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError> {
     // 1. Open every input: nothing has been created yet if one is missing.
     let kernel_shown = config.kernel.display().to_string();
-    let mut kernel_file =
+    let kernel_file =
         File::open(&config.kernel).map_err(|e| BuildError::OpenKernel(kernel_shown.clone(), e))?;
-    let mut initrd_file = match &config.initrd {
+    let initrd_file = match &config.initrd {
         Some(p) => {
             Some(File::open(p).map_err(|e| BuildError::OpenInitrd(p.display().to_string(), e))?)
         }
@@ -221,10 +226,54 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
     // 2. KVM, memory, the VM.
     let kvm = vstate::kvm::open()?;
     let mem = vstate::memory::create(config.memory_mib)?;
-    let vm = Vm::new(&kvm, &mem)?;
+    let vm = Vm::create(&kvm)?;
+    // Registering memory and creating the irqchip each wait for a grace period in KVM (several
+    // ms on some hosts): overlap them, and the memory slot with everything up to the vCPUs.
+    std::thread::scope(|s| {
+        let slots = s.spawn(|| vm.register_memory(&mem));
+        let built = build_on(
+            config,
+            cleanup,
+            &kvm,
+            &vm,
+            &mem,
+            kernel_file,
+            initrd_file,
+            virtio,
+            vsock_dev,
+        );
+        let slots = slots
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        slots?;
+        built
+    })
+    .map(|p| Vmm {
+        p,
+        _vm: vm,
+        _mem: mem,
+        _kvm: kvm,
+    })
+}
+
+/// Everything after the VM exists: irqchip, kernel, devices, vCPUs, files.
+#[allow(clippy::too_many_arguments)]
+fn build_on(
+    config: VmConfig,
+    cleanup: &mut Cleanup,
+    kvm: &kvm_ioctls::Kvm,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mut kernel_file: File,
+    mut initrd_file: Option<File>,
+    virtio: Vec<VirtioEntry>,
+    vsock_dev: Option<Arc<Mutex<Vsock>>>,
+) -> Result<VmmParts, BuildError> {
+    vm.setup_irqchip()?;
+    let kernel_shown = config.kernel.display().to_string();
 
     // 3. The kernel, command line, initrd, zero page, MP table.
-    let kernel = boot::load_kernel(&mem, &mut kernel_file)
+    let kernel = boot::load_kernel(mem, &mut kernel_file)
         .map_err(|e| BuildError::Kernel(kernel_shown, e))?;
     let mut cmdline = config.cmdline.clone();
     for i in 0..virtio.len() as u32 {
@@ -235,20 +284,14 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
         ));
     }
     let cmdline = cmdline.trim().to_owned();
-    boot::write_cmdline(&mem, &cmdline).map_err(BuildError::Boot)?;
+    boot::write_cmdline(mem, &cmdline).map_err(BuildError::Boot)?;
     let initrd = match initrd_file.as_mut() {
-        Some(f) => Some(boot::load_initrd(&mem, f, kernel.end).map_err(BuildError::Boot)?),
+        Some(f) => Some(boot::load_initrd(mem, f, kernel.end).map_err(BuildError::Boot)?),
         None => None,
     };
-    boot::write_boot_params(
-        &mem,
-        config.memory_mib << 20,
-        &kernel,
-        cmdline.len(),
-        initrd,
-    )
-    .map_err(BuildError::Boot)?;
-    mptable::write(&mem, config.vcpus)?;
+    boot::write_boot_params(mem, config.memory_mib << 20, &kernel, cmdline.len(), initrd)
+        .map_err(BuildError::Boot)?;
+    mptable::write(mem, config.vcpus)?;
 
     // 4. Devices.
     let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Resource("an eventfd", e))?);
@@ -324,7 +367,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
             .create_vcpu(u64::from(i))
             .map_err(|e| VcpuError::Create(i, e))?;
         let vcpu = Vcpu::new(fd, i, pio.clone(), mmio.clone(), exit.clone());
-        vcpu.configure(&supported, config.vcpus, kernel.entry, &mem)?;
+        vcpu.configure(&supported, config.vcpus, kernel.entry, mem)?;
         vcpus.push(vcpu);
     }
 
@@ -354,7 +397,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
         None => None,
     };
 
-    Ok(Vmm {
+    Ok(VmmParts {
         config,
         exit,
         serial,
@@ -363,9 +406,6 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
         vcpus,
         subscribers,
         control,
-        _vm: vm,
-        _mem: mem,
-        _kvm: kvm,
     })
 }
 
@@ -432,13 +472,13 @@ impl Vmm {
     /// The caller exits the process (which stops the vCPU and I/O threads).
     pub fn run(mut self) -> Result<ExitReason, BuildError> {
         let sigfd = signal_fd()?;
-        let seccomp_on = self.config.seccomp;
+        let seccomp_on = self.p.config.seccomp;
         if seccomp_on {
             seccomp::install_sigsys_handler()
                 .map_err(|e| BuildError::Resource("a SIGSYS handler", e))?;
         }
-        for vcpu in self.vcpus.drain(..) {
-            let exit = self.exit.clone();
+        for vcpu in self.p.vcpus.drain(..) {
+            let exit = self.p.exit.clone();
             let name = format!("vcpu{}", vcpu.index());
             std::thread::Builder::new()
                 .name(name)
@@ -451,9 +491,9 @@ impl Vmm {
                 })
                 .map_err(|e| BuildError::Resource("a vCPU thread", e))?;
         }
-        if !self.subscribers.is_empty() {
-            let subs = std::mem::take(&mut self.subscribers);
-            let exit = self.exit.clone();
+        if !self.p.subscribers.is_empty() {
+            let subs = std::mem::take(&mut self.p.subscribers);
+            let exit = self.p.exit.clone();
             std::thread::Builder::new()
                 .name("io".into())
                 .spawn(move || io_thread(subs, seccomp_on, exit))
@@ -468,10 +508,10 @@ impl Vmm {
                 EpollEvent::new(EventSet::IN, token),
             )
         };
-        add(self.exit.event().as_raw_fd(), TOKEN_EXIT)
+        add(self.p.exit.event().as_raw_fd(), TOKEN_EXIT)
             .map_err(|e| BuildError::Resource("an epoll", e))?;
         add(sigfd, TOKEN_SIGNAL).map_err(|e| BuildError::Resource("an epoll", e))?;
-        if let Some(c) = &self.control {
+        if let Some(c) = &self.p.control {
             add(c.listener_fd(), c.listener_fd() as u64)
                 .map_err(|e| BuildError::Resource("an epoll", e))?;
         }
@@ -493,13 +533,14 @@ impl Vmm {
                         let mut info = [0u8; 128];
                         // SAFETY: reads one signalfd_siginfo into a buffer of its size.
                         unsafe { libc::read(sigfd, info.as_mut_ptr().cast(), info.len()) };
-                        self.exit.signal(ExitReason::Killed);
+                        self.p.exit.signal(ExitReason::Killed);
                     }
                     fd => self.control_ready(fd as RawFd, &epoll),
                 }
             }
-            if let Some(reason) = self.exit.reason() {
-                self.serial
+            if let Some(reason) = self.p.exit.reason() {
+                self.p
+                    .serial
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .flush();
@@ -509,7 +550,7 @@ impl Vmm {
     }
 
     fn control_ready(&mut self, fd: RawFd, epoll: &Epoll) {
-        let Some(control) = self.control.as_mut() else {
+        let Some(control) = self.p.control.as_mut() else {
             return;
         };
         if !control.owns(fd) {
@@ -532,12 +573,12 @@ impl Vmm {
                         Err(e) => serde_json::json!({"ok": false, "error": e}),
                         Ok(cmd) => self.answer(&cmd),
                     };
-                    if let Some(control) = self.control.as_mut() {
+                    if let Some(control) = self.p.control.as_mut() {
                         control.reply(c, &answer);
                     }
                 }
             }
-            if self.control.is_none() {
+            if self.p.control.is_none() {
                 return;
             }
         }
@@ -552,11 +593,11 @@ impl Vmm {
                 "pid": std::process::id(),
                 "uptime_ms": process_start().elapsed().as_millis() as u64,
                 "boot_time_us": metrics().boot_time_us.load(std::sync::atomic::Ordering::Relaxed),
-                "vcpus": self.config.vcpus,
-                "memory_mib": self.config.memory_mib,
+                "vcpus": self.p.config.vcpus,
+                "memory_mib": self.p.config.memory_mib,
             }),
             Command::Metrics => json!({"ok": true, "metrics": metrics().to_json()}),
-            Command::Serial => match &self.serial_ring {
+            Command::Serial => match &self.p.serial_ring {
                 Some(ring) => {
                     let bytes = ring.lock().unwrap_or_else(|e| e.into_inner()).contents();
                     json!({"ok": true, "serial": String::from_utf8_lossy(&bytes)})
@@ -567,6 +608,7 @@ impl Vmm {
             },
             Command::Shutdown => {
                 if self
+                    .p
                     .i8042
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -578,7 +620,7 @@ impl Vmm {
                 }
             }
             Command::Kill => {
-                self.exit.signal(ExitReason::Killed);
+                self.p.exit.signal(ExitReason::Killed);
                 json!({"ok": true})
             }
         }

@@ -43,7 +43,24 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, the irqchip and the PIT, and registers `mem`.
     pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        let vm = Self::create(kvm)?;
+        vm.setup_irqchip()?;
+        vm.register_memory(mem)?;
+        Ok(vm)
+    }
+
+    /// Creates an empty VM. [`Vm::setup_irqchip`] and [`Vm::register_memory`] complete it;
+    /// they take different KVM locks and each waits for an SRCU grace period, so the builder
+    /// runs them in parallel.
+    pub fn create(kvm: &Kvm) -> Result<Self, VmError> {
+        Ok(Self {
+            fd: kvm.create_vm().map_err(VmError::Create)?,
+        })
+    }
+
+    /// Creates the in-kernel irqchip (PIC, IOAPIC, LAPICs) and PIT (before any vCPU).
+    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+        let fd = &self.fd;
         fd.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(VmError::Tss)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
@@ -51,7 +68,11 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(VmError::Pit)?;
+        fd.create_pit2(pit).map_err(VmError::Pit)
+    }
+
+    /// Registers each region of `mem` as a memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let r = kvm_userspace_memory_region {
@@ -63,9 +84,10 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
             // the caller keeps alive for as long as the VM runs (the builder stores both).
-            unsafe { fd.set_user_memory_region(r) }.map_err(|e| VmError::MemorySlot(slot, e))?;
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(|e| VmError::MemorySlot(slot, e))?;
         }
-        Ok(Self { fd })
+        Ok(())
     }
 
     /// The KVM VM handle.
