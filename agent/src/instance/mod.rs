@@ -891,6 +891,9 @@ impl Manager {
                 .unwrap_or(0);
             if inst.activity_deadline_unix_nanos != 0 {
                 entry.touch(inst.activity_deadline_unix_nanos - sleep * 1_000_000);
+            } else {
+                // No deadline stored yet (the boot was young): count the adoption as activity.
+                entry.touch(self.clock.now());
             }
             let process = Process::adopt(&rt).ok().flatten();
             let listener = bind_control_socket(&rt.control_socket);

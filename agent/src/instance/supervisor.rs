@@ -227,7 +227,10 @@ impl Supervisor {
             None
         };
         let want = self.deadlines.activity.unwrap_or(0);
-        if want != self.stored_activity_deadline && self.deadlines.persist.is_none() {
+        if want != 0 && self.stored_activity_deadline == 0 {
+            // The first deadline of a boot is stored at once (a restart must find it).
+            self.persist_activity(false);
+        } else if want != self.stored_activity_deadline && self.deadlines.persist.is_none() {
             self.deadlines.persist = Some(self.mgr.clock.now() + PERSIST_INTERVAL_MS * 1_000_000);
         }
     }
@@ -340,7 +343,10 @@ impl Supervisor {
                             cause: cause as i32,
                         })]
                     });
-                    if !self.connected_once {
+                    if !self.connected_once && self.spec.is_some() {
+                        // A fresh boot whose init has not connected: nothing to stop
+                        // gracefully yet. (An adopted boot's init reconnects: it gets the
+                        // stop then.)
                         self.kill(Kill::StopBeforeConnect);
                     } else if !self
                         .send(H::Stop(init::Stop {

@@ -259,14 +259,15 @@ pub async fn logs(c: &mut Client, id: &str) -> String {
 pub struct AgentProcess {
     pub child: Child,
     pub socket: PathBuf,
+    pub log: PathBuf,
 }
 
 impl AgentProcess {
-    pub fn spawn(config: &Path, socket: &Path, log: &Path) -> Self {
+    pub fn spawn(config: &Path, socket: &Path, log_path: &Path) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)
+            .open(log_path)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hearth-agent"))
             .arg("--config")
@@ -278,6 +279,7 @@ impl AgentProcess {
         Self {
             child,
             socket: socket.to_owned(),
+            log: log_path.to_owned(),
         }
     }
 
@@ -305,5 +307,11 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
     }
 }
