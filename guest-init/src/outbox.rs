@@ -33,6 +33,8 @@ struct Control {
 #[derive(Debug, Default)]
 struct Inner {
     logs: LogBuffer,
+    /// State repeated after a reconnect: sent before anything else.
+    first: VecDeque<Msg>,
     control: VecDeque<Control>,
     metrics: Option<Metrics>,
 }
@@ -84,16 +86,9 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Puts messages at the front of the control queue (state repeated after a reconnect).
+    /// Queues messages to go before everything else (state repeated after a reconnect).
     pub fn send_first(&self, msgs: Vec<Msg>) {
-        let mut inner = self.lock();
-        for msg in msgs.into_iter().rev() {
-            inner.control.push_front(Control {
-                msg,
-                after_logs: false,
-            });
-        }
-        drop(inner);
+        self.lock().first.extend(msgs);
         self.notify.notify_one();
     }
 
@@ -122,11 +117,16 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Up to `max` messages to send now, oldest first: log records (and drop reports), then
-    /// control messages, then the metrics sample.
+    /// Up to `max` messages to send now, oldest first: repeated state, log records (and drop
+    /// reports), control messages, the metrics sample.
     pub fn take(&self, max: usize) -> Vec<GuestMessage> {
         let mut inner = self.lock();
         let mut out = Vec::new();
+        while out.len() < max
+            && let Some(m) = inner.first.pop_front()
+        {
+            out.push(m.into());
+        }
         while out.len() < max {
             match inner.logs.next_outgoing() {
                 Some(Outgoing::Record(r)) => out.push(Msg::Log(r).into()),
@@ -157,7 +157,7 @@ impl Outbox {
     /// True when nothing is waiting to be sent.
     pub fn drained(&self) -> bool {
         let inner = self.lock();
-        inner.logs.all_sent() && inner.control.is_empty()
+        inner.logs.all_sent() && inner.control.is_empty() && inner.first.is_empty()
     }
 
     /// Waits until something is pushed (a push made before the call also counts).
@@ -206,7 +206,7 @@ mod tests {
         o.rewind(1);
         o.send_first(vec![Msg::Started(Started::default())]);
         let msgs = o.take(10);
-        assert_eq!(kinds(&msgs), vec!["LogRecord", "Started"]);
-        assert!(matches!(&msgs[0].msg, Some(Msg::Log(r)) if r.seq == 2));
+        assert_eq!(kinds(&msgs), vec!["Started", "LogRecord"]);
+        assert!(matches!(&msgs[1].msg, Some(Msg::Log(r)) if r.seq == 2));
     }
 }

@@ -1,0 +1,274 @@
+//! The link to the agent with the real static hearth-init in fresh namespaces: the agent
+//! disappearing mid-run (reconnect, log resume), a warm-pool member assigned later, a rejected
+//! connection, standalone mode, the network over netlink in a namespace with a veth.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Agent, Fixture, LONG, Launch, Sandbox, TestNetns};
+use hearth_proto::init::{ExitReason, Network, Welcome, host_message};
+
+/// The number in a "line N" record.
+fn line_no(r: &hearth_proto::init::LogRecord) -> u64 {
+    String::from_utf8_lossy(&r.data)
+        .trim()
+        .strip_prefix("line ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected record {r:?}"))
+}
+
+#[tokio::test]
+async fn agent_disappears_mid_run_and_the_log_stream_resumes() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &fx.args("resume"), Launch::default());
+    let script = "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.02; done";
+    let spec = fx.spec(&["sh", "-c", script]);
+    let instance = spec.instance_id.clone();
+    let mut agent = Agent::start(&listener, spec).await;
+    agent.until("10 lines", |g| g.logs.len() >= 10).await;
+    // Stop acknowledging: what arrives now is received but not stored.
+    agent.ack = false;
+    let acked = agent.got.logs.last().unwrap().seq;
+    agent.until("5 more lines", |g| g.logs.len() >= 15).await;
+    let first_pid = agent.got.started[0].pid;
+    let before = std::mem::take(&mut agent.got.logs);
+
+    // The agent goes away: connection, listener and socket file.
+    drop(agent);
+    drop(listener);
+    std::fs::remove_file(&fx.socket).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // A new agent on the same path: init reconnects and resumes after what was acknowledged.
+    let listener = fx.listen();
+    let (mut agent, hello) = Agent::accept(&listener).await;
+    assert!(hello.reconnect);
+    assert_eq!(hello.instance_id, instance);
+    assert!(hello.last_log_seq > acked, "{hello:?}");
+    agent
+        .tx
+        .send(host_message::Msg::Welcome(Welcome {
+            protocol_version: hearth_proto::PROTOCOL_VERSION,
+            spec: None,
+            resume_after_log_seq: acked,
+        }))
+        .await
+        .unwrap();
+    agent
+        .until("30 lines and the state", |g| {
+            g.logs.len() >= 30 && !g.started.is_empty() && !g.ready.is_empty()
+        })
+        .await;
+    // Started and Ready are repeated for a new agent; the workload is the same process.
+    assert_eq!(agent.got.started.len(), 1);
+    assert_eq!(agent.got.started[0].pid, first_pid);
+    assert_eq!(agent.got.ready.len(), 1);
+    let after = &agent.got.logs;
+    assert_eq!(
+        after[0].seq,
+        acked + 1,
+        "resent from the first unacknowledged"
+    );
+    for w in after.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "a gap in seqs");
+        assert_eq!(line_no(&w[1]), line_no(&w[0]) + 1, "a gap in the output");
+    }
+    // What was received before and after joins up without a gap (and the overlap matches).
+    let last_stored = before.iter().find(|r| r.seq == acked).unwrap();
+    assert_eq!(line_no(&after[0]), line_no(last_stored) + 1);
+    assert!(agent.got.dropped.is_empty());
+    // The outage did not stop the workload: lines written during it arrived.
+    assert!(line_no(after.last().unwrap()) > line_no(before.last().unwrap()) + 10);
+
+    agent.tx.stop(0, Duration::from_secs(30)).await.unwrap();
+    let exited = agent.run_to_exit().await;
+    assert!(exited.requested);
+    sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn warm_pool_member_waits_for_its_spec() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let args = vec![format!("hearth.socket={}", fx.socket.display())];
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &args, Launch::default());
+    let (mut agent, hello) = Agent::accept(&listener).await;
+    assert_eq!(hello.instance_id, "");
+    assert!(!hello.reconnect);
+    agent
+        .tx
+        .send(host_message::Msg::Welcome(Welcome {
+            protocol_version: hearth_proto::PROTOCOL_VERSION,
+            spec: None,
+            resume_after_log_seq: 0,
+        }))
+        .await
+        .unwrap();
+    // A pool member idles until it is assigned; it still answers pings.
+    agent.tx.ping(7).await.unwrap();
+    agent.until("Pong", |g| g.pongs == [7]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(agent.got.started.is_empty());
+    let mut spec = fx.spec(&["sh", "-c", "echo assigned to $HOSTNAME"]);
+    spec.instance_id = "pool-7".into();
+    agent.tx.assign(spec).await.unwrap();
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.exit_code, 0);
+    assert_eq!(agent.got.stdout(), "assigned to pool-7\n");
+    sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn a_rejected_init_ends() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &fx.args("nope"), Launch::default());
+    let (stream, _) = listener.accept().await.unwrap();
+    let ch = hearth_proto::channel::HostChannel::accept(stream, LONG)
+        .await
+        .unwrap();
+    ch.reject("unknown instance").await.unwrap();
+    let status = sandbox.wait(LONG).await;
+    assert_eq!(status.code(), Some(70));
+    assert!(
+        sandbox
+            .output()
+            .contains("hearth-init: rejected by the agent: unknown instance")
+    );
+}
+
+#[tokio::test]
+async fn standalone_mode_reports_on_the_console() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let spec_path = fx.dir.path().join("spec.json");
+    let json = serde_json::json!({
+        "instance_id": "solo",
+        "entrypoint": ["/bin/sh", "-c"],
+        "cmd": ["echo out; echo err >&2; exit 4"],
+        "root": {
+            "image": fx.image.display().to_string(),
+            "fstype": "erofs",
+            "disk_size_bytes": 8 << 20,
+        },
+    });
+    std::fs::write(&spec_path, json.to_string()).unwrap();
+    let args = vec![format!("hearth.standalone={}", spec_path.display())];
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &args, Launch::default());
+    let status = sandbox.wait(LONG).await;
+    assert_eq!(status.code(), Some(4), "{}", sandbox.output());
+    let console = std::fs::read_to_string(&sandbox.console).unwrap();
+    for line in [
+        "hearth-init: started pid=",
+        "hearth-init: ready after ",
+        "stdout: out\n",
+        "stderr: err\n",
+        "hearth-init: exited code=4 reason=exit\n",
+    ] {
+        assert!(console.contains(line), "{line:?} missing:\n{console}");
+    }
+}
+
+#[tokio::test]
+async fn bad_standalone_spec_is_an_init_error() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let spec_path = fx.dir.path().join("spec.json");
+    std::fs::write(&spec_path, r#"{"entrypoint": ["x"], "colour": "blue"}"#).unwrap();
+    let args = vec![format!("hearth.standalone={}", spec_path.display())];
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &args, Launch::default());
+    assert_eq!(sandbox.wait(LONG).await.code(), Some(125));
+    let console = std::fs::read_to_string(&sandbox.console).unwrap();
+    assert!(
+        console.contains("hearth-init: init_error kind=bad_spec fatal=true")
+            && console.contains("colour"),
+        "{console}"
+    );
+    assert!(console.contains("hearth-init: exited code=125 reason=init_error"));
+}
+
+#[tokio::test]
+async fn network_is_configured_over_netlink() {
+    require_sandbox!();
+    hearth_testkit::require!(hearth_testkit::skip::program("ip"));
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let inside = TestNetns::new();
+    let peer = TestNetns::new();
+    let mut sandbox = Sandbox::launch(
+        fx.dir.path(),
+        &fx.args("net"),
+        Launch {
+            netns: Some(inside.path()),
+            ..Launch::default()
+        },
+    );
+    let script = "ip -o -4 addr show dev eth0; ip route; cat /sys/class/net/eth0/mtu; \
+                  ip -o link show lo; cat /etc/resolv.conf /etc/hosts; \
+                  ping -c 1 -W 5 10.77.0.1 >/dev/null && echo ping-ok";
+    let mut spec = fx.spec(&["sh", "-c", script]);
+    spec.hostname = "netbox".into();
+    spec.network = Some(Network {
+        interface: "eth0".into(),
+        addresses: vec!["10.77.0.2/24".into()],
+        gateway_v4: "10.77.0.1".into(),
+        dns_servers: vec!["10.77.0.53".into()],
+        dns_search: vec!["svc.test".into()],
+        mtu: 1400,
+        hosts: vec!["10.77.0.9 db".into()],
+        ..Default::default()
+    });
+    let mut agent = Agent::start(&listener, spec).await;
+    // Like the agent, move the interface in after init started: init waits for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    inside.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", "netns", &peer.name,
+    ]);
+    peer.ip(&["addr", "add", "10.77.0.1/24", "dev", "peer0"]);
+    peer.ip(&["link", "set", "peer0", "up"]);
+    let exited = agent.run_to_exit().await;
+    let out = agent.got.stdout();
+    assert_eq!(exited.exit_code, 0, "{out}\n{}", agent.got.stderr());
+    assert!(out.contains("inet 10.77.0.2/24"), "{out}");
+    assert!(out.contains("default via 10.77.0.1 dev eth0"), "{out}");
+    assert!(out.contains("\n1400\n"), "{out}");
+    assert!(out.contains("<LOOPBACK,UP,LOWER_UP>"), "{out}");
+    assert!(
+        out.contains("nameserver 10.77.0.53\nsearch svc.test\n"),
+        "{out}"
+    );
+    assert!(out.contains("10.77.0.2\tnetbox\n"), "{out}");
+    assert!(out.contains("10.77.0.9 db\n"), "{out}");
+    assert!(out.contains("ping-ok"), "{out}");
+    sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn missing_interface_is_a_network_error() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &fx.args("noif"), Launch::default());
+    let mut spec = fx.spec(&["true"]);
+    spec.network = Some(Network {
+        interface: "eth9".into(),
+        addresses: vec!["10.1.0.2/24".into()],
+        ..Default::default()
+    });
+    let mut agent = Agent::start(&listener, spec).await;
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.reason, ExitReason::InitError as i32);
+    let e = &agent.got.errors[0];
+    assert_eq!(
+        e.kind,
+        hearth_proto::init::InitErrorKind::Network as i32,
+        "{e:?}"
+    );
+    assert!(e.message.contains("eth9"), "{}", e.message);
+    sandbox.wait(LONG).await;
+}
