@@ -829,6 +829,38 @@ impl Filter {
         Ok(verdict)
     }
 
+    /// Runs one program on `frame` `repeat` times in the kernel (`BPF_PROG_TEST_RUN`) and
+    /// returns the mean time per run: the program's own cost per packet, without the network
+    /// stack around it (for benchmarks). Counters and flows are updated as for real packets.
+    pub fn time_run(
+        &self,
+        direction: Direction,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, FilterError> {
+        let program = match direction {
+            Direction::Egress => PROG_EGRESS,
+            Direction::Ingress => PROG_INGRESS,
+        };
+        let ebpf = self.ebpf.as_ref().ok_or(FilterError::NoPrograms)?;
+        let prog: &SchedClassifier = ebpf
+            .program(program)
+            .ok_or(FilterError::MissingProgram(program))?
+            .try_into()
+            .map_err(|source| FilterError::Program {
+                name: program,
+                source,
+            })?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| FilterError::TestRun(program, e))?;
+        Ok(result.duration)
+    }
+
     /// Detaches both links now and unpins the links and maps; the kernel frees them once the
     /// last handle closes (this filter's are closed on return).
     pub fn remove(mut self) -> Result<(), FilterError> {
