@@ -586,3 +586,36 @@ fn eviction_under_a_small_budget_keeps_pinned_and_shared() {
     assert_eq!(left[0].references, [refs[1].clone()]);
     assert_blobs_verify(&cache);
 }
+
+#[test]
+fn pulls_by_digest_and_refuses_other_platforms() {
+    require!(checks());
+    let registry = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let digest = oci::busybox_image().write_layout(layout.path(), "t");
+    registry.push_layout(layout.path(), "t", "hearth/bydigest", "v1");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), &registry);
+    let rt = runtime();
+    let by_digest = format!("{}/hearth/bydigest@{digest}", registry.host());
+    let img = rt
+        .block_on(cache.prefetch(&r(&by_digest), &quiet))
+        .expect("pull by digest");
+    assert_eq!(img.manifest_digest.as_str(), digest);
+    assert_eq!(img.references, [by_digest]);
+
+    let arm = Image::new()
+        .architecture("arm64")
+        .layer(Layer::new().file("x", 0o644, b"x"))
+        .push(&registry, "hearth/arm", "v1");
+    let err = rt.block_on(cache.prefetch(&r(&arm), &quiet)).unwrap_err();
+    assert!(matches!(err, PullError::Platform { .. }), "{}", chain(&err));
+    assert!(chain(&err).contains("linux/arm64"));
+    assert_eq!(cache.list().len(), 1);
+
+    let missing = format!("{}/hearth/nope:v1", registry.host());
+    let err = rt
+        .block_on(cache.prefetch(&r(&missing), &quiet))
+        .unwrap_err();
+    assert!(chain(&err).contains("not found"), "{}", chain(&err));
+}
