@@ -133,9 +133,12 @@ fn join_below(mount: &MountEntry, path: &str) -> Option<PathBuf> {
 }
 
 /// Finds the directories of the cgroups in `cgroups` among `mounts`.
+///
+/// A process in a hierarchy's root cgroup has no cgroup of its own there (the root's figures
+/// are the whole host's): such entries are left out.
 pub fn locate(mounts: &[MountEntry], cgroups: &[CgroupEntry]) -> Located {
     let mut located = Located::default();
-    for cg in cgroups {
+    for cg in cgroups.iter().filter(|c| c.path != "/") {
         if cg.hierarchy == 0 && cg.controllers.is_empty() {
             located.v2 = mounts
                 .iter()
@@ -488,7 +491,14 @@ impl Cgroups {
                     u.cpu_usage_micros = u.cpu_user_micros + u.cpu_system_micros;
                 }
             }
-            None => {}
+            None => {
+                // No CPU cgroup of its own: what init's PID namespace used, from /proc.
+                let (user, system) = pidns_cpu_ticks();
+                let tick = 1_000_000 / USER_HZ;
+                u.cpu_user_micros = user * tick;
+                u.cpu_system_micros = system * tick;
+                u.cpu_usage_micros = u.cpu_user_micros + u.cpu_system_micros;
+            }
         }
         u.process_count = self
             .pids
@@ -511,6 +521,46 @@ fn proc_stat_cpu(text: &str) -> Option<(u64, u64)> {
         .collect();
     let at = |i: usize| v.get(i).copied().unwrap_or(0);
     Some((at(0) + at(1), at(2) + at(5) + at(6)))
+}
+
+/// CPU ticks (user, system) of every live process in `/proc` plus what init's reaped
+/// descendants used (its `cutime`/`cstime`).
+fn pidns_cpu_ticks() -> (u64, u64) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0, 0);
+    };
+    let (mut user, mut system) = (0, 0);
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (u, s) = stat_cpu_ticks(&stat, pid == "1");
+        user += u;
+        system += s;
+    }
+    (user, system)
+}
+
+/// (utime [+ cutime], stime [+ cstime]) of one `/proc/PID/stat`.
+fn stat_cpu_ticks(stat: &str, with_children: bool) -> (u64, u64) {
+    // Fields after the command name (which may hold spaces and parentheses) start at `state`.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return (0, 0);
+    };
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    if with_children {
+        (at(11) + at(13), at(12) + at(14))
+    } else {
+        (at(11), at(12))
+    }
 }
 
 /// Processes visible in `/proc` (init's PID namespace).
@@ -590,6 +640,21 @@ junk
             proc_stat_cpu("cpu  10 1 5 100 0 2 3 0 0 0\ncpu0 1 1 1 1\n"),
             Some((11, 10))
         );
+    }
+
+    #[test]
+    fn root_cgroups_are_not_the_instance_s() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        let located = locate(&mounts, &parse_proc_cgroup("2:cpu,cpuacct:/\n0::/\n"));
+        assert_eq!(located, Located::default());
+    }
+
+    #[test]
+    fn stat_cpu_fields() {
+        let stat = "1 (my (odd) init) S 0 1 1 0 -1 4194560 100 0 0 0 7 3 40 20 20 0 1 0 5";
+        assert_eq!(stat_cpu_ticks(stat, false), (7, 3));
+        assert_eq!(stat_cpu_ticks(stat, true), (47, 23));
+        assert_eq!(stat_cpu_ticks("garbage", true), (0, 0));
     }
 
     #[test]

@@ -225,7 +225,15 @@ async fn metrics_and_extra_mounts() {
     let shared = fx.dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::write(shared.join("note"), "from the host\n").unwrap();
-    let mut sandbox = Sandbox::launch(fx.dir.path(), &fx.args("metrics"), Launch::default());
+    let cgroup = TestCgroup::new(256 << 20);
+    let mut sandbox = Sandbox::launch(
+        fx.dir.path(),
+        &fx.args("metrics"),
+        Launch {
+            cgroup_procs: cgroup.procs(),
+            ..Launch::default()
+        },
+    );
     let mut spec = fx.spec(&[
         "sh",
         "-c",
@@ -257,12 +265,22 @@ async fn metrics_and_extra_mounts() {
     assert!(out.contains("Read-only"), "{out}");
     assert!(out.contains(" 2048 "), "{out}");
     let m = agent.got.metrics.last().unwrap();
-    assert!(m.process_count >= 1, "{m:?}");
+    assert!(m.process_count >= 2, "{m:?}");
     assert!(m.rootfs_total_bytes >= 60 << 20, "{m:?}");
     assert!(m.at_unix_nanos > 0);
+    // The instance's own figures, not the host's.
+    assert_eq!(m.memory_limit_bytes, 256 << 20, "{m:?}");
+    assert!(
+        m.memory_used_bytes > 0 && m.memory_used_bytes < 256 << 20,
+        "{m:?}"
+    );
+    assert!(m.cpu_usage_micros < 60_000_000, "{m:?}");
+    assert_eq!(m.oom_kills, 0);
     agent.tx.stop(0, Duration::from_secs(30)).await.unwrap();
     agent.run_to_exit().await;
     sandbox.wait(LONG).await;
+    drop(sandbox);
+    drop(cgroup);
 }
 
 #[tokio::test]

@@ -90,6 +90,49 @@ async fn agent_disappears_mid_run_and_the_log_stream_resumes() {
 }
 
 #[tokio::test]
+async fn workload_ending_while_the_agent_is_away_is_reported_on_return() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let listener = fx.listen();
+    let mut sandbox = Sandbox::launch(fx.dir.path(), &fx.args("away"), Launch::default());
+    let spec = fx.spec(&["sh", "-c", "echo before; sleep 0.5; echo during; exit 9"]);
+    let mut agent = Agent::start(&listener, spec).await;
+    agent
+        .until("before", |g| g.stdout().contains("before"))
+        .await;
+    let stored = agent.got.logs.last().unwrap().seq;
+    drop(agent);
+    drop(listener);
+    std::fs::remove_file(&fx.socket).unwrap();
+    // The workload ends while nobody listens; init keeps trying to deliver.
+    let deadline = std::time::Instant::now() + LONG;
+    while !std::fs::read_to_string(&sandbox.console)
+        .unwrap_or_default()
+        .contains("exited code=9")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", sandbox.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listener = fx.listen();
+    let (mut agent, hello) = Agent::accept(&listener).await;
+    assert!(hello.reconnect);
+    agent
+        .tx
+        .send(host_message::Msg::Welcome(Welcome {
+            protocol_version: hearth_proto::PROTOCOL_VERSION,
+            spec: None,
+            resume_after_log_seq: stored,
+        }))
+        .await
+        .unwrap();
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.exit_code, 9);
+    assert_eq!(agent.got.stdout(), "during\n");
+    assert_eq!(agent.got.started.len(), 1);
+    assert_eq!(sandbox.wait(LONG).await.code(), Some(9));
+}
+
+#[tokio::test]
 async fn warm_pool_member_waits_for_its_spec() {
     require_sandbox!();
     let fx = Fixture::new();
