@@ -25,6 +25,8 @@
 //! - [`link`]: the connection to the agent, reconnects, the standalone console sink.
 //! - [`console`], [`diag`]: console lines and init's own diagnostics.
 //! - [`sys`]: the few `unsafe` system interfaces (loop devices, `/dev/mem`, pre-exec setup).
+//! - `tests/`: the real static binary as PID 1 under `unshare` with a test agent; `fuzz/`:
+//!   a cargo-fuzz target for what init parses from the image (`/etc/passwd`, `/etc/group`).
 
 #![deny(missing_docs)]
 
