@@ -23,6 +23,22 @@ run_dir = "/run/hearth"
 # "microvm" (a hearth-vmm process per instance; needs hardware virtualization) or "sandbox"
 # (hearth-init as PID 1 in Linux namespaces; weaker isolation). Never a silent fallback.
 runtime = "microvm"
+# Node networking: a bridge, an address per instance, veth/TAP, egress NAT, the eBPF policy.
+# false: instances get loopback only (and the ingress cannot reach them).
+networking = true
+# The HTTP ingress proxy's listener; empty = off.
+ingress_listen = "0.0.0.0:8080"
+# bpffs directory for the instances' eBPF programs.
+bpf_root = "/sys/fs/bpf/hearth"
+
+[network]
+# The node network; every key and its default is in docs/networking.md (subnet 10.88.0.0/16,
+# bridge hearth0, interface prefix hth, gateway .1, ingress address .2, resolver from
+# /etc/resolv.conf, MTU 1500, nftables table hearth).
+
+[ingress]
+# The ingress proxy; every key and its default is in docs/networking.md (routing by the
+# x-hearth-instance header or <id>.<domain>, start_on_request = false, ...).
 
 [api]
 # The gRPC API on a Unix socket.
@@ -162,6 +178,18 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// The runtime.
     pub runtime: RuntimeKind,
+    /// Whether instances get a network.
+    pub networking: bool,
+    /// The ingress proxy's listener (empty: off).
+    pub ingress_listen: String,
+    /// bpffs directory for the eBPF programs.
+    pub bpf_root: PathBuf,
+    /// The node network.
+    #[serde(default)]
+    pub network: crate::net::NetConfig,
+    /// The ingress proxy.
+    #[serde(default)]
+    pub ingress: crate::ingress::IngressConfig,
     /// The gRPC API.
     pub api: ApiConfig,
     /// The Prometheus endpoint.
@@ -398,7 +426,21 @@ impl Config {
             ));
         }
         self.metrics.address()?;
+        self.ingress_address()?;
         Ok(())
+    }
+
+    /// The ingress listener address, if enabled.
+    pub fn ingress_address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.ingress_listen.is_empty() || !self.networking {
+            return Ok(None);
+        }
+        self.ingress_listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "ingress_listen {:?} is not an address",
+                self.ingress_listen
+            ))
+        })
     }
 
     /// The node name (the host name when not configured).

@@ -13,7 +13,7 @@ use crate::{
     config::{Config, RuntimeKind},
     events::EventLog,
     images::ImageCache,
-    instance::{InstanceError, Manager},
+    instance::{InstanceError, Manager, network::NodeNet, router::NodeRouter},
     model::pb,
     runtime::{self, Runtime, RuntimeError, Virtualization, cgroup::Layout},
     store::{Store, StoreError},
@@ -37,6 +37,12 @@ pub enum DaemonError {
     /// A listener failed.
     #[error("Cannot set up a listener")]
     Api(#[from] server::ApiError),
+    /// The node network could not be set up.
+    #[error("Cannot set up the node network")]
+    Network(#[from] crate::instance::network::NetworkError),
+    /// The ingress proxy could not be set up.
+    #[error("Cannot set up the ingress proxy")]
+    Ingress(#[from] crate::ingress::IngressError),
     /// The config is invalid.
     #[error("Invalid config")]
     Config(#[from] crate::config::ConfigError),
@@ -131,6 +137,8 @@ pub struct Listeners {
     pub api_tcp: Option<TcpListener>,
     /// The Prometheus endpoint, when configured.
     pub metrics: Option<TcpListener>,
+    /// The HTTP ingress proxy, when configured.
+    pub ingress: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -153,10 +161,19 @@ impl Listeners {
             ),
             None => None,
         };
+        let ingress = match cfg.ingress_address()? {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| server::ApiError::Bind(a.to_string().into(), e))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             api_unix,
             api_tcp,
             metrics,
+            ingress,
         })
     }
 }
@@ -220,11 +237,17 @@ impl Daemon {
         let events = EventLog::new(store);
         let tracker = TaskTracker::new();
         let sup_token = CancellationToken::new();
+        let net = if cfg.networking {
+            Some(NodeNet::setup(&cfg.network, &cfg.bpf_root).await?)
+        } else {
+            None
+        };
         let mgr = Manager::new(
             cfg.clone(),
             events,
             runtime,
             images,
+            net.clone(),
             tracker.clone(),
             sup_token.clone(),
         )?;
@@ -258,6 +281,17 @@ impl Daemon {
                     tracing::error!(error = %crate::instance::anyhow_chain(&e), "the API on TCP failed");
                 }
             });
+        }
+        if let (Some(l), Some(net)) = (listeners.ingress, &net) {
+            let router = Arc::new(NodeRouter::new(node.mgr.clone()));
+            let ingress = crate::ingress::Ingress::new(
+                cfg.ingress.clone(),
+                net.plan.ingress_address.into(),
+                router,
+            )?;
+            let token = api_token.clone();
+            let tasks = api_tasks.clone();
+            api_tasks.spawn(async move { ingress.serve(l, token, tasks).await });
         }
         if let Some(l) = listeners.metrics {
             let node = node.clone();

@@ -80,6 +80,24 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
     );
     assert_eq!(r.stdout, hearth_testkit::oci::HTTPD_INDEX);
 
+    // HTTP through the node's ingress proxy, over the node network into the instance.
+    let ingress = agent.ingress_addr.expect("ingress listens");
+    let (status, body) = http_get(ingress, id).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_bytes(), hearth_testkit::oci::HTTPD_INDEX);
+    let (status, body) = http_get(ingress, "nope").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains('{'), "JSON error body: {body}");
+    let m = c
+        .get_metrics(pb::GetMetricsRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(m.ingress_requests, 1);
+    assert!(m.ebpf_packets_allowed > 0, "{m:?}");
+
     // Logs: httpd -v logs each response on stderr.
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
@@ -178,6 +196,28 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
         pb::StopReason::Destroyed
     );
     agent.shutdown().await;
+}
+
+/// GET / through the ingress for instance `id`: (status, body).
+async fn http_get(addr: std::net::SocketAddr, id: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nx-hearth-instance: {id}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 async fn prometheus(addr: std::net::SocketAddr) -> String {

@@ -20,6 +20,7 @@ impl From<InstanceError> for Status {
             InstanceError::ImageNotFound(_) => Code::NotFound,
             InstanceError::Image { source, .. } => return image_status(source, chain(&e)),
             InstanceError::Runtime { .. } => Code::Internal,
+            InstanceError::Network { .. } => Code::Internal,
             InstanceError::Store(_) => Code::Internal,
             InstanceError::NotConnected(_) => Code::Unavailable,
             InstanceError::Logs { .. } => Code::Internal,

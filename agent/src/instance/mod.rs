@@ -10,10 +10,14 @@
 //!
 //! # Layout
 //!
+//! - [`network`]: addresses, interfaces, NAT and eBPF per instance.
+//! - [`router`]: the ingress proxy's view of the instances.
 //! - [`spec`]: the spec hearth-init gets.
 //! - [`supervisor`]: the per-boot task.
 //! - [`timers`]: the deadline arithmetic the supervisor waits on.
 
+pub mod network;
+pub mod router;
 pub mod spec;
 pub mod supervisor;
 pub mod timers;
@@ -78,6 +82,15 @@ pub enum InstanceError {
         /// Why.
         #[source]
         source: ImageError,
+    },
+    /// The instance's network could not be set up.
+    #[error("Networking of instance {id:?} failed")]
+    Network {
+        /// The instance.
+        id: String,
+        /// Why.
+        #[source]
+        source: network::NetworkError,
     },
     /// The runtime could not launch the instance.
     #[error("Launching instance {id:?} failed")]
@@ -269,6 +282,8 @@ pub struct Manager {
     pub runtime: Arc<dyn Runtime>,
     /// The image cache.
     pub images: Arc<dyn ImageCache>,
+    /// The node network (None: instances get loopback only).
+    pub net: Option<Arc<network::NodeNet>>,
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -292,6 +307,7 @@ impl Manager {
         events: EventLog,
         runtime: Arc<dyn Runtime>,
         images: Arc<dyn ImageCache>,
+        net: Option<Arc<network::NodeNet>>,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, InstanceError> {
@@ -309,6 +325,7 @@ impl Manager {
             events,
             runtime,
             images,
+            net,
             entries: Mutex::new(entries),
             tracker,
             shutdown,
@@ -407,12 +424,29 @@ impl Manager {
                 return Err(e);
             }
         };
+        let address = match &self.net {
+            Some(net) => match net.allocate(id) {
+                Ok(a) => a.to_string(),
+                Err(source) => {
+                    self.entries
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(id);
+                    return Err(InstanceError::Network {
+                        id: id.to_owned(),
+                        source,
+                    });
+                }
+            },
+            None => String::new(),
+        };
         if let Err(e) = self.images.pin(&image.digest) {
             tracing::warn!(id, error = %e, "cannot pin the image");
         }
         let now = self.clock.now();
         let committed = entry.commit(&self.events, &self.clock, |i, p| {
             i.state = pb::InstanceState::Created as i32;
+            i.address = address.clone();
             i.created_at_unix_nanos = now;
             i.image_digest = image.digest.clone();
             p.image = Some(image.clone());
@@ -429,6 +463,9 @@ impl Manager {
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(id);
                 let _ = self.images.unpin(&image.digest);
+                if let Some(net) = &self.net {
+                    net.release(id);
+                }
                 Err(e.into())
             }
         }
@@ -524,23 +561,48 @@ impl Manager {
                     path: socket.clone(),
                     source,
                 };
-                return self.fail_start(&entry, err);
+                return self.fail_start(&entry, self.runtime_error(id, err));
             }
         };
+        let port = spec::http_port(&spec, Some(&image), self.cfg.defaults.default_port);
+        // The microVM's TAP must exist before hearth-vmm opens it.
+        let mut network = None;
+        let (mut tap, mut mac) = (None, None);
+        if let (Some(net), crate::config::RuntimeKind::Microvm) = (&self.net, self.runtime.kind()) {
+            match net.attach_tap(id, &spec, port).await {
+                Ok((t, m, n)) => {
+                    tap = Some(t);
+                    mac = Some(m);
+                    network = Some(n);
+                }
+                Err(source) => {
+                    drop(listener);
+                    crate::runtime::sandbox::remove_if_exists(&socket);
+                    let e = InstanceError::Network {
+                        id: id.to_owned(),
+                        source,
+                    };
+                    return self.fail_start(&entry, e);
+                }
+            }
+        }
         let req = LaunchRequest {
             id,
             boot,
             image: &image,
             instance_type: &it,
-            tap: None,
-            mac: None,
+            tap,
+            mac,
         };
         let rt_state = match self.runtime.launch(&req) {
             Ok(s) => s,
             Err(e) => {
                 drop(listener);
                 crate::runtime::sandbox::remove_if_exists(&socket);
-                return self.fail_start(&entry, e);
+                if let Some(net) = &self.net {
+                    net.detach(id).await;
+                }
+                return self.fail_start(&entry, self.runtime_error(id, e));
             }
         };
         let process = match Process::adopt(&rt_state) {
@@ -552,36 +614,67 @@ impl Manager {
                     Ok(Some(p)) => p,
                     _ => {
                         let _ = self.runtime.cleanup(&rt_state);
-                        return self.fail_start(
-                            &entry,
-                            RuntimeError::Spawn {
-                                what: "the instance process".into(),
-                                source: std::io::Error::other("it ended right after launch"),
-                            },
-                        );
+                        if let Some(net) = &self.net {
+                            net.detach(id).await;
+                        }
+                        let e = RuntimeError::Spawn {
+                            what: "the instance process".into(),
+                            source: std::io::Error::other("it ended right after launch"),
+                        };
+                        return self.fail_start(&entry, self.runtime_error(id, e));
                     }
                 }
             }
         };
+        tracing::debug!(id, pid = rt_state.pid, "launched");
+        // The sandbox's veth goes into the namespace of its init, before init gets its spec.
+        if let (Some(net), crate::config::RuntimeKind::Sandbox) = (&self.net, self.runtime.kind()) {
+            match net.attach_sandbox(id, rt_state.pid, &spec, port).await {
+                Ok(n) => network = Some(n),
+                Err(source) => {
+                    self.runtime.kill(&rt_state);
+                    process.wait().await;
+                    let _ = self.runtime.cleanup(&rt_state);
+                    net.detach(id).await;
+                    let e = InstanceError::Network {
+                        id: id.to_owned(),
+                        source,
+                    };
+                    return self.fail_start(&entry, e);
+                }
+            }
+        }
+        tracing::debug!(id, "network attached");
         let inst = entry.commit(&self.events, &self.clock, |_, p| {
             p.runtime = Some(rt_state.clone());
             vec![]
         })?;
         let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);
-        let init_spec = spec::init_spec(id, &spec, &image, root, None);
+        let init_spec = spec::init_spec(id, &spec, &image, root, network);
         self.spawn_supervisor(&entry, listener, process, rt_state, Some(init_spec));
         Ok(inst)
+    }
+
+    fn runtime_error(&self, id: &str, source: RuntimeError) -> InstanceError {
+        InstanceError::Runtime {
+            id: id.to_owned(),
+            source,
+        }
     }
 
     fn fail_start(
         &self,
         entry: &Arc<Entry>,
-        err: RuntimeError,
+        err: InstanceError,
     ) -> Result<pb::Instance, InstanceError> {
         let message = anyhow_chain(&err);
+        let kind = match &err {
+            InstanceError::Network { .. } => pb::ErrorKind::Network,
+            _ => pb::ErrorKind::Runtime,
+        };
         let _ = entry.commit(&self.events, &self.clock, |i, _| {
             let error = pb::InstanceError {
-                kind: pb::ErrorKind::Runtime as i32,
+                kind: kind as i32,
                 message: message.clone(),
             };
             i.state = pb::InstanceState::Failed as i32;
@@ -590,10 +683,7 @@ impl Manager {
                 error: Some(error),
             })]
         });
-        Err(InstanceError::Runtime {
-            id: entry.id.clone(),
-            source: err,
-        })
+        Err(err)
     }
 
     fn spawn_supervisor(
@@ -693,6 +783,9 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         let digest = entry.instance().image_digest;
+        if let Some(net) = &self.net {
+            net.release(id);
+        }
         self.events.commit(Change {
             delete: Some(id.to_owned()),
             events: vec![pb::Event {
@@ -824,6 +917,12 @@ impl Manager {
         if let Some(rt) = entry.private().runtime {
             m.runtime_rss_bytes = self.runtime.usage(&rt).rss_bytes;
         }
+        if let Some(c) = self.net.as_ref().and_then(|n| n.counters(&entry.id)) {
+            m.ebpf_packets_allowed = c.packets_allowed;
+            m.ebpf_packets_dropped = c.packets_dropped;
+            m.ebpf_bytes_allowed = c.bytes_allowed;
+            m.ebpf_bytes_dropped = c.bytes_dropped;
+        }
         m
     }
 
@@ -858,6 +957,18 @@ impl Manager {
     /// Takes over the instances whose runtime was running when the previous agent stopped;
     /// finishes those whose process is gone.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), InstanceError> {
+        if let Some(net) = &self.net {
+            for entry in self.entries() {
+                let inst = entry.instance();
+                if let Ok(addr) = inst.address.parse() {
+                    net.restore(&entry.id, addr)
+                        .map_err(|source| InstanceError::Network {
+                            id: entry.id.clone(),
+                            source,
+                        })?;
+                }
+            }
+        }
         for entry in self.entries() {
             let inst = entry.instance();
             let state = state_of(&inst);
@@ -900,6 +1011,12 @@ impl Manager {
             match (process, listener) {
                 (Some(p), Ok(l)) => {
                     tracing::info!(id = %entry.id, pid = p.pid(), "re-adopted a running instance");
+                    if let Some(net) = &self.net {
+                        let spec = inst.spec.clone().unwrap_or_default();
+                        if let Err(e) = net.adopt(&entry.id, &spec).await {
+                            tracing::warn!(id = %entry.id, error = %anyhow_chain(&e), "cannot re-adopt the instance's network");
+                        }
+                    }
                     self.spawn_supervisor(&entry, l, p, rt, None);
                 }
                 (p, l) => {
@@ -910,6 +1027,9 @@ impl Manager {
                         self.runtime.kill(&rt);
                     }
                     let _ = self.runtime.cleanup(&rt);
+                    if let Some(net) = &self.net {
+                        net.detach(&entry.id).await;
+                    }
                     let requested = state == pb::InstanceState::Stopping;
                     entry.commit(&self.events, &self.clock, |i, p| {
                         let exit = pb::ExitStatus {

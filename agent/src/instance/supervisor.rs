@@ -390,7 +390,9 @@ impl Supervisor {
             return;
         }
         let private = self.entry.private();
-        let fresh = private.boot_id.is_empty() && !hello.reconnect;
+        // Init says whether it already has its spec (`reconnect`); a first connection that
+        // broke before the Welcome arrived is retried as a first connection again.
+        let fresh = !hello.reconnect;
         if fresh {
             let Some(spec) = self.spec.clone() else {
                 // An adopted boot never sends a spec again.
@@ -404,7 +406,8 @@ impl Supervisor {
                 vec![]
             });
             if let Err(e) = conn.welcome(Some(spec), 0).await {
-                tracing::warn!(id = %self.entry.id, error = %e, "cannot welcome hearth-init");
+                // Init gave up waiting (a busy node); it dials again.
+                tracing::info!(id = %self.entry.id, error = %e, "cannot welcome hearth-init");
                 return;
             }
         } else {
@@ -704,6 +707,9 @@ impl Supervisor {
         let cleanup = tokio::task::spawn_blocking(move || runtime.cleanup(&rt)).await;
         if let Ok(Err(e)) = cleanup {
             tracing::warn!(id = %self.entry.id, error = %e, "runtime cleanup failed");
+        }
+        if let Some(net) = &self.mgr.net {
+            net.detach(&self.entry.id).await;
         }
         let reason = pb::StopReason::try_from(exit.reason).unwrap_or_default();
         self.entry.logs.system(

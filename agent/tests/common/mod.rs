@@ -64,6 +64,17 @@ impl Env {
         cfg.images.insecure_registries = vec![registry.host()];
         cfg.lifecycle.kill_margin = Duration::from_secs(2);
         cfg.lifecycle.init_connect_timeout = Duration::from_secs(60);
+        // A network of its own: subnet, bridge, interface names, NAT table, bpffs dir.
+        let u = (std::process::id() % 10_000) * 10 + COUNTER.fetch_add(1, Ordering::Relaxed) % 10;
+        cfg.network.subnet = format!("10.{}.{}.0/24", 100 + (u / 256) % 100, u % 256)
+            .parse()
+            .unwrap();
+        cfg.network.bridge = format!("hb{u}");
+        cfg.network.interface_prefix = format!("h{u}v");
+        cfg.network.nat_table = format!("hearth_t{u}");
+        cfg.network.resolver = Some(std::net::Ipv4Addr::new(10, 0, 0, 53));
+        cfg.bpf_root = format!("/sys/fs/bpf/hearth-test-{u}").into();
+        cfg.ingress_listen = "127.0.0.1:0".into();
         Self { dir, cfg, registry }
     }
 
@@ -92,6 +103,7 @@ impl Env {
         let p = self.dir.path().join("agent.toml");
         let mut cfg = self.cfg.clone();
         cfg.metrics.listen = String::new();
+        cfg.ingress_listen = String::new();
         std::fs::write(&p, cfg.to_toml()).unwrap();
         p
     }
@@ -100,6 +112,27 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.cleanup_cgroups();
+        // The node network and the eBPF pins this test's agent made.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.cfg.network.bridge])
+            .output();
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.cfg.network.nat_table])
+            .output();
+        if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+            let prefix = format!(" {}", self.cfg.network.interface_prefix);
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some(name) = line
+                    .split(':')
+                    .nth(1)
+                    .filter(|n| n.starts_with(&prefix))
+                    .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+                {
+                    let _ = Command::new("ip").args(["link", "del", &name]).output();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.cfg.bpf_root);
     }
 }
 
@@ -108,13 +141,22 @@ pub struct TestAgent {
     pub daemon: Option<Daemon>,
     pub client: Client,
     pub metrics_addr: std::net::SocketAddr,
+    pub ingress_addr: Option<std::net::SocketAddr>,
 }
 
 impl TestAgent {
     pub async fn start(env: &Env) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let images = Arc::new(HearthImages::open(&env.cfg).expect("image cache opens"));
         let listeners = Listeners::bind(&env.cfg).await.expect("listeners bind");
         let metrics_addr = listeners.metrics.as_ref().unwrap().local_addr().unwrap();
+        let ingress_addr = listeners.ingress.as_ref().map(|l| l.local_addr().unwrap());
         let daemon = Daemon::start(env.cfg.clone(), images, listeners)
             .await
             .expect("agent starts");
@@ -125,6 +167,7 @@ impl TestAgent {
             daemon: Some(daemon),
             client,
             metrics_addr,
+            ingress_addr,
         }
     }
 
