@@ -65,14 +65,20 @@ pub fn run(args: &Args) -> anyhow::Result<PathBuf> {
     Ok(kernel.vmlinux)
 }
 
-/// Where kernels are cached.
+/// Where kernels are cached: `$HEARTH_KERNEL_CACHE`, else `~/.cache/hearth/kernel` (XDG), else
+/// the target directory.
 fn cache_root() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os(CACHE_ENV).filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));
     }
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    let base = match (
+        std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()),
+        std::env::var_os("HOME").filter(|d| !d.is_empty()),
+    ) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(home)) => PathBuf::from(home).join(".cache"),
+        // No home (a bare service environment): keep it beside the build instead.
+        (None, None) => hearth_testkit::artifacts::target_dir(),
     };
     Ok(base.join("hearth/kernel"))
 }
