@@ -110,6 +110,13 @@ fn main() -> anyhow::Result<()> {
                 let pre: Reference = pre.parse()?;
                 rt.block_on(cache.prefetch(&pre, &|_| {}))
                     .context("Pre-pull failed")?;
+                // The pre-pull's build tree is deleted in the background; let that finish so
+                // the timed pull measures a cache whose base layers are simply there.
+                let tmp = Path::new(&args[1]).join("tmp");
+                let deadline = Instant::now() + std::time::Duration::from_secs(120);
+                while std::fs::read_dir(&tmp)?.next().is_some() && Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
             let reference: Reference = args[3].parse()?;
             let start = Instant::now();

@@ -533,12 +533,27 @@ impl ImageCache {
             .map_err(io("open", &lock_path))?;
         sys::try_lock_exclusive(&lock_file).map_err(|e| OpenError::Locked(root.clone(), e))?;
 
-        // Whatever is in tmp/ belongs to pulls that did not finish.
+        // Whatever is in tmp/ belongs to pulls that did not finish. It can be a large tree:
+        // move it aside (one rename) and delete it in the background.
         let tmp = root.join("tmp");
         if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io("clear", &tmp))?;
+            let old = root.join(store::temp_name("tmp.old"));
+            fs::rename(&tmp, &old).map_err(io("move aside", &tmp))?;
         }
         fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+        let stale: Vec<PathBuf> = fs::read_dir(&root)
+            .map_err(io("list", &root))?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tmp.old-"))
+            .map(|e| e.path())
+            .collect();
+        if !stale.is_empty() {
+            std::thread::spawn(move || {
+                for dir in stale {
+                    let _ = fs::remove_dir_all(dir);
+                }
+            });
+        }
         let images_dir = root.join("images");
         fs::create_dir_all(&images_dir).map_err(io("create", &images_dir))?;
         let blobs = BlobStore::open(&root, &tmp)?;

@@ -27,7 +27,8 @@
 //! # On disk (under the cache root)
 //!
 //! `lock` (flock: one owner), `index.redb`, `blobs/sha256/<hex>`,
-//! `images/<manifest hex>/{rootfs.erofs|rootfs.ext4, config.json}`, `tmp/` (cleared on open).
+//! `images/<manifest hex>/{rootfs.erofs|rootfs.ext4, config.json}`, `tmp/` (moved aside to
+//! `tmp.old-*` and deleted in the background on open).
 
 #![deny(missing_docs)]
 

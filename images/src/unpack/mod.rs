@@ -10,7 +10,7 @@
 pub mod path;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs::{self, File},
     io::{self, BufReader, Read},
     os::unix::{
@@ -190,6 +190,9 @@ pub fn apply_layer(
     let mut created: HashSet<PathBuf> = HashSet::new();
     // Directory times are set last: adding children would change them again.
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    // Resolved parent directories. Valid while no directory or symlink is removed or created
+    // in their place, so it is cleared whenever an entry removes something or adds a symlink.
+    let mut dir_cache: HashMap<Vec<std::ffi::OsString>, PathBuf> = HashMap::new();
 
     for entry in archive.entries().map_err(UnpackError::Tar)? {
         let mut entry = entry.map_err(UnpackError::Tar)?;
@@ -214,6 +217,7 @@ pub fn apply_layer(
 
         if last_bytes.starts_with(WHITEOUT.as_bytes()) {
             stats.whiteouts += 1;
+            dir_cache.clear();
             let Some(dir) = path::resolve_dir(root, dirs, false, &shown)? else {
                 continue;
             };
@@ -234,8 +238,15 @@ pub fn apply_layer(
             continue;
         }
 
-        let parent = path::resolve_dir(root, dirs, true, &shown)?
-            .expect("resolve_dir creates missing directories");
+        let parent = match dir_cache.get(dirs) {
+            Some(p) => p.clone(),
+            None => {
+                let p = path::resolve_dir(root, dirs, true, &shown)?
+                    .expect("resolve_dir creates missing directories");
+                dir_cache.insert(dirs.to_vec(), p.clone());
+                p
+            }
+        };
         let target = parent.join(last);
         let header = entry.header();
         let mode = header.mode().map_err(UnpackError::Tar)? & 0o7777;
@@ -265,6 +276,7 @@ pub fn apply_layer(
                     Ok(m) if m.is_dir() => {}
                     Ok(_) => {
                         remove_any(&target)?;
+                        dir_cache.clear();
                         fs::create_dir(&target).map_err(io_at("create directory", &target))?;
                     }
                     Err(_) => {
@@ -274,19 +286,44 @@ pub fn apply_layer(
                 dir_times.push((target.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                remove_any(&target)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&target)
-                    .map_err(io_at("create", &target))?;
+                let create = || {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&target)
+                };
+                let mut f = match create() {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        remove_any(&target)?;
+                        dir_cache.clear();
+                        create()
+                    }
+                    other => other,
+                }
+                .map_err(io_at("create", &target))?;
                 stats.bytes += io::copy(&mut entry, &mut f).map_err(UnpackError::Tar)?;
+                // Metadata through the open file: no more path lookups per file.
+                if options.preserve_ownership {
+                    std::os::unix::fs::fchown(&f, Some(uid as u32), Some(gid as u32))
+                        .map_err(io_at("chown", &target))?;
+                }
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_at("chmod", &target))?;
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.max(0) as u64);
+                f.set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+                    .map_err(io_at("set times of", &target))?;
+                drop(f);
+                apply_xattrs(&target, &xattrs, options);
+                created.insert(target);
+                stats.entries += 1;
+                continue;
             }
             tar::EntryType::Symlink => {
                 let link = entry
                     .link_name_bytes()
                     .ok_or_else(|| UnpackError::Tar(io::Error::other("symlink without target")))?;
                 remove_any(&target)?;
+                dir_cache.clear();
                 symlink(std::ffi::OsStr::from_bytes(&link), &target)
                     .map_err(io_at("create symlink", &target))?;
             }
@@ -310,6 +347,7 @@ pub fn apply_layer(
                 }
                 if source != target {
                     remove_any(&target)?;
+                    dir_cache.clear();
                     fs::hard_link(&source, &target).map_err(io_at("hard-link", &target))?;
                 }
                 // A hard link shares the inode: its metadata is the target's.
@@ -319,6 +357,7 @@ pub fn apply_layer(
             }
             tar::EntryType::Fifo => {
                 remove_any(&target)?;
+                dir_cache.clear();
                 sys::mkfifo(&target, mode).map_err(io_at("create fifo", &target))?;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -341,14 +380,7 @@ pub fn apply_layer(
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                 .map_err(io_at("chmod", &target))?;
         }
-        if options.xattrs {
-            for (name, value) in &xattrs {
-                if let Err(e) = sys::lsetxattr(&target, name, value) {
-                    // Some file systems refuse some namespaces; the image stays usable.
-                    tracing::warn!(path = %target.display(), attr = %String::from_utf8_lossy(name), error = %e, "cannot set xattr");
-                }
-            }
-        }
+        apply_xattrs(&target, &xattrs, options);
         if kind != tar::EntryType::Directory {
             sys::lset_mtime(&target, mtime).map_err(io_at("set times of", &target))?;
         }
@@ -359,6 +391,18 @@ pub fn apply_layer(
         sys::lset_mtime(dir, *mtime).map_err(io_at("set times of", dir))?;
     }
     Ok(stats)
+}
+
+fn apply_xattrs(target: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], options: UnpackOptions) {
+    if !options.xattrs {
+        return;
+    }
+    for (name, value) in xattrs {
+        if let Err(e) = sys::lsetxattr(target, name, value) {
+            // Some file systems refuse some namespaces; the image stays usable.
+            tracing::warn!(path = %target.display(), attr = %String::from_utf8_lossy(name), error = %e, "cannot set xattr");
+        }
+    }
 }
 
 fn parse_num(bytes: &[u8]) -> Option<u64> {
