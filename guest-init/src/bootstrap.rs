@@ -2,13 +2,17 @@
 //!
 //! In a microVM they come from `/proc/cmdline`: the kernel does not hand dotted parameters to
 //! init's argv or environment. In the sandbox the agent passes the same `hearth.key=value` words
-//! as init's arguments. Where they come from also decides the [`Mode`]. `docs/hearth-init.md`
+//! as init's arguments (or in the [`OPTIONS_ENV`] environment variable). Where they come from also decides the [`Mode`]. `docs/hearth-init.md`
 //! lists every option.
 
 use std::{collections::BTreeMap, path::PathBuf};
 
 /// Prefix of every option hearth-init reads.
 pub const PREFIX: &str = "hearth.";
+
+/// Environment variable with the options (whitespace-separated `hearth.*` words) for a sandbox
+/// launcher that cannot pass arguments; arguments win when both are given.
+pub const OPTIONS_ENV: &str = "HEARTH_INIT_OPTIONS";
 
 /// The physical address of the VMM's boot timer (Firecracker's convention, kept by hearth-vmm).
 pub const DEFAULT_BOOT_TIMER_ADDR: u64 = 0xc000_0000;
@@ -204,6 +208,20 @@ impl Bootstrap {
             .any(|a| a.starts_with(PREFIX))
             .then(|| Self::parse(args.iter().map(String::as_str), Mode::Sandbox))
     }
+
+    /// Sandbox mode from argv, or else from the `hearth.*` words in [`OPTIONS_ENV`].
+    pub fn from_args_or_env(
+        args: &[String],
+        env: Option<&str>,
+    ) -> Option<Result<Self, BootstrapError>> {
+        Self::from_args(args).or_else(|| {
+            let words = env?;
+            words
+                .split_ascii_whitespace()
+                .any(|w| w.starts_with(PREFIX))
+                .then(|| Self::parse(words.split_ascii_whitespace(), Mode::Sandbox))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +261,18 @@ mod tests {
         assert_eq!(b.mode, Mode::Sandbox);
         assert_eq!(b.boot_timer, None);
         assert!(Bootstrap::from_args(&["quiet".to_owned()]).is_none());
+        let b = Bootstrap::from_args_or_env(&[], Some("hearth.socket=/s hearth.instance=e"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.instance_id, "e");
+        assert_eq!(b.mode, Mode::Sandbox);
+        // Arguments win over the environment.
+        let b = Bootstrap::from_args_or_env(&args, Some("hearth.socket=/other"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.instance_id, "a");
+        assert!(Bootstrap::from_args_or_env(&[], Some("quiet")).is_none());
+        assert!(Bootstrap::from_args_or_env(&[], None).is_none());
     }
 
     #[test]

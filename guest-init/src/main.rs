@@ -58,10 +58,16 @@ fn end_vm() -> ! {
     }
 }
 
+/// True when the options came from the kernel command line (no sandbox options given).
+fn mode_is_vm(args: &[String], env: Option<&str>) -> bool {
+    std::process::id() == 1 && Bootstrap::from_args_or_env(args, env).is_none()
+}
+
 fn main() -> ExitCode {
     let t0 = Instant::now();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let boot = match Bootstrap::from_args(&args) {
+    let env = std::env::var(hearth_init::bootstrap::OPTIONS_ENV).ok();
+    let boot = match Bootstrap::from_args_or_env(&args, env.as_deref()) {
         Some(b) => b,
         None => {
             if std::process::id() != 1 {
@@ -87,7 +93,7 @@ fn main() -> ExitCode {
         Ok(b) => b,
         Err(e) => {
             console::say(&format!("{e}"));
-            if std::process::id() == 1 && !args.iter().any(|a| a.starts_with("hearth.")) {
+            if mode_is_vm(&args, env.as_deref()) {
                 end_vm();
             }
             return ExitCode::from(USAGE_EXIT_CODE);

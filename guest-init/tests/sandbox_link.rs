@@ -218,6 +218,39 @@ async fn standalone_mode_reports_on_the_console() {
 }
 
 #[tokio::test]
+async fn options_from_the_environment() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let spec_path = fx.dir.path().join("spec.json");
+    let json = serde_json::json!({
+        "entrypoint": ["/bin/sh", "-c", "echo via env; echo leaked=$(env | grep -c HEARTH_INIT)"],
+        "root": {"image": fx.image.display().to_string(), "fstype": "erofs"},
+    });
+    std::fs::write(&spec_path, json.to_string()).unwrap();
+    let mut sandbox = Sandbox::launch(
+        fx.dir.path(),
+        &[],
+        Launch {
+            env: vec![(
+                "HEARTH_INIT_OPTIONS".into(),
+                format!("hearth.standalone={} hearth.log=info", spec_path.display()),
+            )],
+            ..Launch::default()
+        },
+    );
+    assert_eq!(
+        sandbox.wait(LONG).await.code(),
+        Some(0),
+        "{}",
+        sandbox.output()
+    );
+    let console = std::fs::read_to_string(&sandbox.console).unwrap();
+    assert!(console.contains("stdout: via env\n"), "{console}");
+    // The options do not leak into the workload's environment.
+    assert!(console.contains("stdout: leaked=0\n"), "{console}");
+}
+
+#[tokio::test]
 async fn bad_standalone_spec_is_an_init_error() {
     require_sandbox!();
     let fx = Fixture::new();

@@ -135,6 +135,8 @@ pub struct Launch {
     pub netns: Option<PathBuf>,
     /// `cgroup.procs` files to put init in.
     pub cgroup_procs: Vec<PathBuf>,
+    /// Extra environment for init.
+    pub env: Vec<(String, String)>,
 }
 
 /// hearth-init running as PID 1 of new PID/mount/UTS/IPC(/net) namespaces.
@@ -184,7 +186,7 @@ impl Sandbox {
         if launch.netns.is_none() {
             cmd.arg("--net");
         }
-        cmd.arg("--").arg(&init).args(args);
+        cmd.arg("--").arg(&init).args(args).envs(launch.env);
         cmd.stdin(Stdio::null())
             .stdout(fs::File::create(&console).unwrap())
             .stderr(fs::File::create(&errors).unwrap());
