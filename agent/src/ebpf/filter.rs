@@ -40,10 +40,10 @@ use super::{
 pub enum FilterError {
     /// The policy was refused before anything was touched.
     #[error("Invalid policy")]
-    Policy(#[from] PolicyError),
+    Policy(#[source] Box<PolicyError>),
     /// The embedded object could not be parsed or its maps created.
     #[error("Loading the eBPF object failed")]
-    Load(#[from] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     /// The object lacks a program.
     #[error("The eBPF object has no program named {0}")]
     MissingProgram(&'static str),
@@ -57,7 +57,7 @@ pub enum FilterError {
         name: &'static str,
         /// What aya reported.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map operation failed.
     #[error("Accessing map {name} failed")]
@@ -66,7 +66,7 @@ pub enum FilterError {
         name: &'static str,
         /// What aya reported.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// The pin root is not on bpffs.
     #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
@@ -107,7 +107,7 @@ pub enum FilterError {
         ifname: String,
         /// What aya reported.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Pinning failed.
     #[error("Pinning {path} failed")]
@@ -116,7 +116,7 @@ pub enum FilterError {
         path: PathBuf,
         /// What aya reported.
         #[source]
-        source: PinError,
+        source: Box<PinError>,
     },
     /// A pinned link could not be opened, read or detached.
     #[error("Link {path} failed")]
@@ -143,7 +143,7 @@ pub enum FilterError {
     NoPrograms,
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("Test run of {0} failed")]
-    TestRun(&'static str, #[source] ProgramError),
+    TestRun(&'static str, #[source] Box<ProgramError>),
     /// A test run's return code and counters disagree.
     #[error("Test run of {program}: {what}")]
     TestRunResult {
@@ -154,8 +154,31 @@ pub enum FilterError {
     },
 }
 
+// Boxed sources keep `FilterError` (and the errors that wrap it) small.
+impl From<PolicyError> for FilterError {
+    fn from(e: PolicyError) -> FilterError {
+        FilterError::Policy(Box::new(e))
+    }
+}
+
+impl From<aya::EbpfError> for FilterError {
+    fn from(e: aya::EbpfError) -> FilterError {
+        FilterError::Load(Box::new(e))
+    }
+}
+
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> FilterError {
-    move |source| FilterError::Map { name, source }
+    move |source| FilterError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> FilterError {
+    move |source| FilterError::Program {
+        name,
+        source: Box::new(source),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FilterError + '_ {
@@ -503,7 +526,7 @@ impl Filter {
         for name in [PROG_EGRESS, PROG_INGRESS] {
             program_mut(&mut ebpf, name)?
                 .load()
-                .map_err(|source| FilterError::Program { name, source })?;
+                .map_err(program_err(name))?;
         }
         let mut maps = Maps::take(&mut ebpf)?;
         write_special::<4>(&mut maps.special_v4, MAP_SPECIAL_V4, 4)?;
@@ -610,8 +633,10 @@ impl Filter {
         array_set(&mut self.maps.meta, MAP_META, 0, meta)?;
         for (name, map) in self.maps.all() {
             let path = dir.join(name);
-            map.pin(&path)
-                .map_err(|source| FilterError::Pin { path, source })?;
+            map.pin(&path).map_err(|source| FilterError::Pin {
+                path,
+                source: Box::new(source),
+            })?;
         }
         let ebpf = self.ebpf.as_mut().ok_or(FilterError::NoPrograms)?;
         // The ingress hook (what the instance sends) first: a filter that is half attached then
@@ -797,17 +822,14 @@ impl Filter {
             .program(program)
             .ok_or(FilterError::MissingProgram(program))?
             .try_into()
-            .map_err(|source| FilterError::Program {
-                name: program,
-                source,
-            })?;
+            .map_err(program_err(program))?;
         let before = self.counters()?;
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 ..TestRunOptions::default()
             })
-            .map_err(|e| FilterError::TestRun(program, e))?;
+            .map_err(|e| FilterError::TestRun(program, Box::new(e)))?;
         let counted = self.counters()?.since(&before).nonzero();
         let inconsistent = |what: String| FilterError::TestRunResult { program, what };
         let [(dir, verdict, counter)] = counted[..] else {
@@ -847,17 +869,14 @@ impl Filter {
             .program(program)
             .ok_or(FilterError::MissingProgram(program))?
             .try_into()
-            .map_err(|source| FilterError::Program {
-                name: program,
-                source,
-            })?;
+            .map_err(program_err(program))?;
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })
-            .map_err(|e| FilterError::TestRun(program, e))?;
+            .map_err(|e| FilterError::TestRun(program, Box::new(e)))?;
         Ok(result.duration)
     }
 
@@ -881,7 +900,7 @@ fn program_mut<'a>(
     ebpf.program_mut(name)
         .ok_or(FilterError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| FilterError::Program { name, source })
+        .map_err(program_err(name))
 }
 
 /// Attaches `name` to `hook` of `ifname` with TCX (first in line), pins the link at `path`
@@ -896,7 +915,7 @@ fn attach_link(
     let attach_err = |source| FilterError::Attach {
         program: name,
         ifname: ifname.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let prog = program_mut(ebpf, name)?;
     let id = prog
@@ -912,7 +931,7 @@ fn attach_link(
     // On failure the link is dropped, which detaches it.
     let pinned = link.pin(path).map_err(|source| FilterError::Pin {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     // aya's handle does not lend its fd; the pin keeps the link while we reopen it.
     drop(pinned);
