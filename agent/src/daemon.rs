@@ -207,6 +207,7 @@ pub fn make_runtime(cfg: &Config, virt: &Virtualization) -> Result<Arc<dyn Runti
             cfg.microvm.clone(),
             cfg.run_dir.clone(),
             cfg.state_dir.clone(),
+            Layout::host(&cfg.cgroup.parent)?,
             virt,
         )?),
     })

@@ -427,6 +427,16 @@ impl Supervisor {
             }
         }
         tracing::info!(id = %self.entry.id, reconnect = !fresh, "hearth-init connected");
+        self.entry.logs.system(
+            self.boot,
+            self.mgr.clock.now(),
+            &format!(
+                "hearth-init {} connected (protocol {}, {})",
+                hello.init_version,
+                hello.protocol_version,
+                if fresh { "spec sent" } else { "reconnect" }
+            ),
+        );
         self.conn = Some(conn);
         self.connected_once = true;
         self.deadlines.connect = None;
@@ -697,11 +707,11 @@ impl Supervisor {
     async fn finish(mut self, info: ExitInfo) {
         self.conn = None;
         let (exit, error) = self.exit_status(info);
-        let failed = match &self.init_error {
-            Some((_, true)) => !self.started,
-            _ => false,
-        } || self.killed == Some(Kill::ConnectTimeout)
-            || (!self.started && exit.reason == pb::StopReason::RuntimeError as i32);
+        // Failed: it never got going (and nobody asked it to stop).
+        let failed = !self.stop_requested
+            && (matches!(self.init_error, Some((_, true))) && !self.started
+                || self.killed == Some(Kill::ConnectTimeout)
+                || (!self.started && exit.reason == pb::StopReason::RuntimeError as i32));
         let runtime = self.mgr.runtime.clone();
         let rt = self.rt.clone();
         let cleanup = tokio::task::spawn_blocking(move || runtime.cleanup(&rt)).await;

@@ -1,17 +1,34 @@
 //! The microvm runtime: one hearth-vmm process per instance (see `docs/vmm.md`), with the
-//! image's rootfs as a read-only disk, a fresh scratch disk, a TAP device and a vsock device
-//! whose host side is a Unix socket; hearth-init dials host port 1024, which hearth-vmm maps to
-//! `<vsock socket>_1024`, where the agent listens.
+//! image's rootfs as a read-only disk (`/dev/vda`), a fresh sparse scratch disk (`/dev/vdb`, the
+//! writable layer, created anew for every boot), the instance's TAP, and a vsock device whose
+//! host side is a Unix socket; hearth-init dials host port 1024, which hearth-vmm maps to
+//! `<vsock socket>_1024`, where the agent listens. The VMM runs in its own process group and
+//! in an instance cgroup, so it outlives the agent.
 
-use std::path::PathBuf;
+use std::{
+    fs::OpenOptions,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use hearth_proto::init;
 
-use super::{LaunchRequest, Runtime, RuntimeError, RuntimeState, RuntimeUsage, Virtualization};
+use super::{
+    LaunchRequest, Runtime, RuntimeError, RuntimeState, RuntimeUsage, Virtualization,
+    cgroup::{Layout, Limits},
+    sandbox::remove_if_exists,
+    sys,
+};
 use crate::{
     config::{MicrovmConfig, RuntimeKind},
     images::ResolvedImage,
 };
+
+/// Memory the VMM process may use beyond the guest's RAM.
+const VMM_OVERHEAD_MIB: u64 = 64;
+/// The guest's vsock context id (only the host, CID 2, is ever dialled).
+const GUEST_CID: u32 = 3;
 
 /// The microvm runtime.
 #[derive(Debug)]
@@ -19,6 +36,7 @@ pub struct Microvm {
     cfg: MicrovmConfig,
     run_dir: PathBuf,
     state_dir: PathBuf,
+    cgroups: Layout,
 }
 
 impl Microvm {
@@ -27,6 +45,7 @@ impl Microvm {
         cfg: MicrovmConfig,
         run_dir: PathBuf,
         state_dir: PathBuf,
+        cgroups: Layout,
         virt: &Virtualization,
     ) -> Result<Self, RuntimeError> {
         if !virt.hardware && !cfg.allow_without_hardware_virtualization {
@@ -38,17 +57,40 @@ impl Microvm {
                 ),
             });
         }
-        if !cfg.vmm_path.is_file() {
-            return Err(RuntimeError::Unavailable {
-                runtime: "microvm",
-                why: format!("hearth-vmm not found at {}", cfg.vmm_path.display()),
-            });
+        for (what, path) in [
+            ("hearth-vmm", &cfg.vmm_path),
+            ("the guest kernel", &cfg.kernel),
+        ] {
+            if !path.is_file() {
+                return Err(RuntimeError::Unavailable {
+                    runtime: "microvm",
+                    why: format!("{what} not found at {}", path.display()),
+                });
+            }
         }
+        cgroups.prepare()?;
         Ok(Self {
             cfg,
             run_dir,
             state_dir,
+            cgroups,
         })
+    }
+
+    fn vsock_socket(&self, id: &str) -> PathBuf {
+        // Short: Unix socket paths are limited to 107 bytes (and `_1024` is appended).
+        self.run_dir.join("i").join(format!("{id}.vsock"))
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join("i").join(id)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
+    move |source| RuntimeError::Io {
+        path: path.to_owned(),
+        source,
     }
 }
 
@@ -58,9 +100,9 @@ impl Runtime for Microvm {
     }
 
     fn control_socket(&self, id: &str) -> PathBuf {
-        self.run_dir
-            .join("i")
-            .join(format!("{id}.vsock_{}", hearth_proto::INIT_VSOCK_PORT))
+        let mut s = self.vsock_socket(id).into_os_string();
+        s.push(format!("_{}", hearth_proto::INIT_VSOCK_PORT));
+        s.into()
     }
 
     fn init_rootfs(&self, image: &ResolvedImage, disk_bytes: u64) -> init::RootFs {
@@ -72,34 +114,154 @@ impl Runtime for Microvm {
         }
     }
 
-    fn launch(&self, _req: &LaunchRequest<'_>) -> Result<RuntimeState, RuntimeError> {
-        let _ = (&self.cfg, &self.state_dir);
-        Err(RuntimeError::Unavailable {
-            runtime: "microvm",
-            why: "launching hearth-vmm is not implemented yet".into(),
+    fn launch(&self, req: &LaunchRequest<'_>) -> Result<RuntimeState, RuntimeError> {
+        let dir = self.instance_dir(req.id);
+        // A fresh writable layer every boot.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let scratch = dir.join("scratch.img");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&scratch)
+            .map_err(io(&scratch))?;
+        f.set_len(req.instance_type.disk_mib << 20)
+            .map_err(io(&scratch))?;
+        drop(f);
+        let logs = self.state_dir.join("instances").join(req.id);
+        std::fs::create_dir_all(&logs).map_err(io(&logs))?;
+        let out_path = logs.join("runtime.log");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&out_path)
+            .map_err(io(&out_path))?;
+        let control = dir.join("ctl.sock");
+        let vsock = self.vsock_socket(req.id);
+        remove_if_exists(&vsock);
+        let mut cmdline = format!(
+            "console=ttyS0 reboot=k panic=1 pci=off hearth.instance={}",
+            req.id
+        );
+        if !self.cfg.kernel_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.cfg.kernel_cmdline);
+        }
+        let mut cmd = Command::new(&self.cfg.vmm_path);
+        cmd.arg("--kernel")
+            .arg(&self.cfg.kernel)
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--vcpus")
+            .arg(req.instance_type.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg(req.instance_type.memory_mib.to_string())
+            .arg("--disk")
+            .arg(format!("path={},ro,id=rootfs", req.image.rootfs.display()))
+            .arg("--disk")
+            .arg(format!("path={},id=scratch", scratch.display()))
+            .arg("--vsock")
+            .arg(format!("cid={GUEST_CID},uds={}", vsock.display()))
+            .arg("--serial")
+            .arg(format!("file:{}", logs.join("console.log").display()))
+            .arg("--control-socket")
+            .arg(&control);
+        if !self.cfg.initrd.as_os_str().is_empty() {
+            cmd.arg("--initrd").arg(&self.cfg.initrd);
+        }
+        if let Some(tap) = &req.tap {
+            let mut net = format!("tap={tap}");
+            if let Some(mac) = &req.mac {
+                net.push_str(&format!(",mac={mac}"));
+            }
+            cmd.arg("--net").arg(net);
+        }
+        let err_out = out.try_clone().map_err(io(&out_path))?;
+        // Its own process group: signals to the agent's group do not reach it.
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err_out)
+            .process_group(0);
+        let cgroup = self.cgroups.instance(req.id);
+        if cgroup.exists() {
+            cgroup.kill_all();
+            cgroup.remove()?;
+        }
+        cgroup.create(&Limits {
+            memory_bytes: (req.instance_type.memory_mib + VMM_OVERHEAD_MIB) << 20,
+            vcpus: req.instance_type.vcpus,
+            pids: 64,
+        })?;
+        let child = cmd.spawn().map_err(|source| RuntimeError::Spawn {
+            what: format!("hearth-vmm ({})", self.cfg.vmm_path.display()),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        // Reaped through its pidfd by the supervisor.
+        drop(child);
+        if let Err(source) = cgroup.add(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(RuntimeError::Spawn {
+                what: "placing hearth-vmm in its cgroup".into(),
+                source,
+            });
+        }
+        Ok(RuntimeState {
+            kind: RuntimeKind::Microvm,
+            pid,
+            start_time: sys::start_time(pid).unwrap_or(0),
+            cgroup: Some(cgroup),
+            dir,
+            control_socket: self.control_socket(req.id),
+            vmm_socket: Some(control),
         })
     }
 
     fn kill(&self, state: &RuntimeState) {
-        if super::sys::start_time(state.pid).ok() == Some(state.start_time) {
+        if sys::start_time(state.pid).ok() == Some(state.start_time) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(state.pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        if let Some(cg) = &state.cgroup {
+            cg.kill_all();
+        }
     }
 
     fn cleanup(&self, state: &RuntimeState) -> Result<(), RuntimeError> {
-        super::sandbox::remove_if_exists(&state.control_socket);
+        if let Some(cg) = &state.cgroup {
+            cg.kill_all();
+            cg.remove()?;
+        }
+        remove_if_exists(&state.control_socket);
+        if let Some(id) = state.dir.file_name().and_then(|n| n.to_str()) {
+            remove_if_exists(&self.vsock_socket(id));
+        }
         let _ = std::fs::remove_dir_all(&state.dir);
         Ok(())
     }
 
-    fn oom_kills(&self, _state: &RuntimeState) -> u64 {
-        0
+    fn oom_kills(&self, state: &RuntimeState) -> u64 {
+        state.cgroup.as_ref().map(|c| c.oom_kills()).unwrap_or(0)
     }
 
-    fn usage(&self, _state: &RuntimeState) -> RuntimeUsage {
-        RuntimeUsage::default()
+    fn usage(&self, state: &RuntimeState) -> RuntimeUsage {
+        // The VMM's resident set (guest memory it touched plus its own).
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", state.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(0);
+        RuntimeUsage { rss_bytes: rss }
     }
 }
