@@ -11,7 +11,7 @@
 //! - [`cache`]: the public API and the pull pipeline (shared downloads, pipelined unpacking).
 //! - [`config`]: [`CacheConfig`] and per-registry settings (auth, TLS CA, insecure), with
 //!   every default in one place.
-//! - [`reference`]: image references (`name:tag`, `name@sha256:…`).
+//! - [`reference`](mod@reference): image references (`name:tag`, `name@sha256:…`).
 //! - [`registry`]: the distribution API client (auth, retries, redirects).
 //! - [`manifest`]: manifests, indexes and image configs (parsing registry input; fuzzed).
 //! - [`digest`]: `sha256:` digests and hashing while bytes stream.

@@ -27,8 +27,8 @@ pub struct Args {
     /// Approximate uncompressed size of the image in MB.
     #[arg(long, default_value_t = 200)]
     pub mb: usize,
-    /// Runs of each configuration.
-    #[arg(long, default_value_t = 3)]
+    /// Runs of each configuration (the median is reported; the build machines are shared).
+    #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Cached lookups timed.
     #[arg(long, default_value_t = 10_000)]
