@@ -83,7 +83,7 @@ fn meminfo_total_mib() -> u64 {
 
 fn disk_mib(path: &std::path::Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 20))
+        .map(|s| s.blocks_available() * s.fragment_size() / (1 << 20))
         .unwrap_or(0)
 }
 

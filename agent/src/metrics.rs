@@ -11,6 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{daemon::Node, model};
 
+/// A per-instance series: name, type, help, and how to read it.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&model::pb::InstanceMetrics) -> f64,
+);
+
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -43,7 +51,7 @@ pub fn render(node: &Node) -> String {
         node.mgr.events.last_seq().unwrap_or(0)
     );
     let metrics = node.all_metrics();
-    let series: [(&str, &str, &str, fn(&model::pb::InstanceMetrics) -> f64); 13] = [
+    let series: [Series; 13] = [
         (
             "hearth_instance_cpu_usage_seconds_total",
             "counter",

@@ -258,7 +258,7 @@ mod json {
 
     pub fn instance(i: &pb::Instance) -> Value {
         let spec = i.spec.clone().unwrap_or_default();
-        let it = spec.instance_type.clone().unwrap_or_default();
+        let it = spec.instance_type.unwrap_or_default();
         let state = pb::InstanceState::try_from(i.state).unwrap_or_default();
         json!({
             "id": i.id,
@@ -361,8 +361,8 @@ mod json {
     }
 
     pub fn node(n: &pb::Node) -> Value {
-        let cap = n.capacity.clone().unwrap_or_default();
-        let alloc = n.allocated.clone().unwrap_or_default();
+        let cap = n.capacity.unwrap_or_default();
+        let alloc = n.allocated.unwrap_or_default();
         json!({
             "name": n.name, "agent_version": n.agent_version, "runtime": n.runtime,
             "hardware_virtualization": n.hardware_virtualization,
@@ -621,10 +621,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.next().await
                 } else {
                     // Without -f: what is stored now, then stop once the stream goes quiet.
-                    match tokio::time::timeout(Duration::from_millis(300), s.next()).await {
-                        Ok(n) => n,
-                        Err(_) => None,
-                    }
+                    tokio::time::timeout(Duration::from_millis(300), s.next())
+                        .await
+                        .unwrap_or_default()
                 };
                 let Some(e) = next else { break };
                 let e = e?;

@@ -105,7 +105,7 @@ pub fn instances_table(list: &[pb::Instance]) -> String {
 /// The `get` view.
 pub fn instance_detail(i: &pb::Instance) -> String {
     let spec = i.spec.clone().unwrap_or_default();
-    let it = spec.instance_type.clone().unwrap_or_default();
+    let it = spec.instance_type.unwrap_or_default();
     let mut rows = vec![
         ("id", i.id.clone()),
         ("state", state(i)),
@@ -181,7 +181,7 @@ pub fn event_line(e: &pb::Event) -> String {
             )
         }
         Some(Kind::Stopped(s)) => {
-            let x = s.exit.clone().unwrap_or_default();
+            let x = s.exit.unwrap_or_default();
             let r = pb::StopReason::try_from(x.reason).unwrap_or_default();
             let mut d = format!("exit_code={} reason={}", x.exit_code, model::reason_name(r));
             if x.killed_after_grace {
@@ -238,8 +238,8 @@ pub fn images_table(list: &[pb::ImageInfo]) -> String {
 
 /// The `node` view.
 pub fn node_detail(n: &pb::Node) -> String {
-    let cap = n.capacity.clone().unwrap_or_default();
-    let alloc = n.allocated.clone().unwrap_or_default();
+    let cap = n.capacity.unwrap_or_default();
+    let alloc = n.allocated.unwrap_or_default();
     let virt = if n.hardware_virtualization {
         "yes".to_owned()
     } else {

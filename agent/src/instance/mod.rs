@@ -259,10 +259,7 @@ impl Entry {
 
     /// The latest metrics from hearth-init.
     pub fn init_metrics(&self) -> Option<init::Metrics> {
-        self.metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        *self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn supervisor(&self) -> Option<mpsc::Sender<Cmd>> {
@@ -551,7 +548,7 @@ impl Manager {
             now,
             &format!("starting boot {boot} from {}", image.reference),
         );
-        let it = spec.instance_type.clone().unwrap_or_default();
+        let it = spec.instance_type.unwrap_or_default();
         // Listen before launching: init dials as soon as it runs.
         let socket = self.runtime.control_socket(id);
         let listener = match bind_control_socket(&socket) {
@@ -1040,7 +1037,7 @@ impl Manager {
                             ..Default::default()
                         };
                         i.state = pb::InstanceState::Stopped as i32;
-                        i.exit = Some(exit.clone());
+                        i.exit = Some(exit);
                         i.stop_deadline_unix_nanos = 0;
                         i.activity_deadline_unix_nanos = 0;
                         p.runtime = None;

@@ -32,7 +32,7 @@ pub fn init_spec(
         env.push(format!("{k}={v}"));
     }
     env.push(format!("HEARTH_INSTANCE_ID={id}"));
-    let it = spec.instance_type.clone().unwrap_or_default();
+    let it = spec.instance_type.unwrap_or_default();
     init::InstanceSpec {
         instance_id: id.to_owned(),
         entrypoint,

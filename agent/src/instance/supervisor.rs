@@ -747,7 +747,7 @@ impl Supervisor {
                     message: "the instance failed to start".into(),
                 });
             }
-            i.exit = Some(exit.clone());
+            i.exit = Some(exit);
             i.stop_deadline_unix_nanos = 0;
             i.activity_deadline_unix_nanos = 0;
             p.runtime = None;

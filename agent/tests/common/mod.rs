@@ -52,10 +52,12 @@ impl Env {
             .prefix("ha")
             .tempdir_in("/tmp")
             .unwrap();
-        let mut cfg = Config::default();
-        cfg.runtime = RuntimeKind::Sandbox;
-        cfg.state_dir = dir.path().join("s");
-        cfg.run_dir = dir.path().join("r");
+        let mut cfg = Config {
+            runtime: RuntimeKind::Sandbox,
+            state_dir: dir.path().join("s"),
+            run_dir: dir.path().join("r"),
+            ..Config::default()
+        };
         cfg.api.socket = dir.path().join("r/api.sock");
         cfg.api.drain_timeout = Duration::from_secs(2);
         cfg.metrics.listen = "127.0.0.1:0".into();
@@ -271,7 +273,7 @@ pub fn stopped_exit(evs: &[pb::Event]) -> pb::ExitStatus {
     evs.iter()
         .rev()
         .find_map(|e| match &e.kind {
-            Some(pb::event::Kind::Stopped(s)) => s.exit.clone(),
+            Some(pb::event::Kind::Stopped(s)) => s.exit,
             _ => None,
         })
         .expect("a stopped event")
