@@ -619,3 +619,112 @@ fn pulls_by_digest_and_refuses_other_platforms() {
         .unwrap_err();
     assert!(chain(&err).contains("not found"), "{}", chain(&err));
 }
+
+/// A TCP proxy in front of the registry that cuts its first `cut` connections after `after`
+/// bytes from the registry: downloads break mid-blob and must be retried.
+async fn flaky_proxy(
+    upstream: std::net::SocketAddr,
+    cut: usize,
+    after: usize,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let c2 = cuts.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let limit = (n <= cut).then_some(after);
+            let cuts = c2.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let mut buf = vec![0u8; 16 << 10];
+                let mut sent = 0;
+                loop {
+                    let Ok(k) = sr.read(&mut buf).await else {
+                        break;
+                    };
+                    if k == 0 {
+                        break;
+                    }
+                    if let Some(limit) = limit
+                        && sent + k > limit
+                    {
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                    if cw.write_all(&buf[..k]).await.is_err() {
+                        break;
+                    }
+                    sent += k;
+                }
+                up.abort();
+            });
+        }
+    });
+    (addr, cuts)
+}
+
+#[test]
+fn downloads_cut_mid_blob_are_retried() {
+    require!(checks());
+    let registry = Registry::start();
+    let reference = Image::new()
+        .layer(Layer::new().file("big", 0o644, &common::noise(21, 3 << 20)))
+        .push(&registry, "hearth/flaky", "v1");
+    let rt = runtime();
+    let (proxy, cuts) = rt.block_on(flaky_proxy(
+        ([127, 0, 0, 1], registry.port()).into(),
+        2,
+        256 << 10,
+    ));
+    let host = proxy.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = hearth_images::CacheConfig::new(dir.path()).registry(
+        host.clone(),
+        hearth_images::RegistryConfig {
+            insecure: true,
+            ..Default::default()
+        },
+    );
+    config.backoff = Duration::from_millis(20);
+    let cache = ImageCache::open(config).unwrap();
+    let via_proxy = reference.replacen(&registry.host(), &host, 1);
+    let img = rt
+        .block_on(cache.prefetch(&r(&via_proxy), &quiet))
+        .expect("pull through a flaky connection");
+    assert!(
+        cuts.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the proxy never cut a download"
+    );
+    assert!(
+        cache
+            .stats()
+            .blob_downloads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 2,
+        "a blob was retried"
+    );
+    assert_blobs_verify(&cache);
+    let m = Mounted::new(&img.rootfs_path, "erofs");
+    assert_eq!(fs::read(m.path("big")).unwrap(), common::noise(21, 3 << 20));
+}
