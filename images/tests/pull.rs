@@ -659,10 +659,7 @@ async fn flaky_proxy(
                 });
                 let mut buf = vec![0u8; 16 << 10];
                 let mut sent = 0;
-                loop {
-                    let Ok(k) = sr.read(&mut buf).await else {
-                        break;
-                    };
+                while let Ok(k) = sr.read(&mut buf).await {
                     if k == 0 {
                         break;
                     }
