@@ -713,3 +713,262 @@ async fn follow_logs_and_watch_events_stream_live() {
     .unwrap();
     agent.shutdown().await;
 }
+
+/// `openssl` in `dir`, failing the test on error.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>-ca.crt`) and a client certificate it signed (`<name>.crt`, `<name>.key`).
+fn client_ca_and_cert(dir: &std::path::Path, name: &str) {
+    let ca = format!("{name}-ca");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+        ],
+    );
+    std::fs::write(
+        dir.join(format!("{name}.ext")),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=scheduler",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    hearth_testkit::require!(
+        hearth_testkit::skip::root(),
+        hearth_testkit::skip::program("openssl")
+    );
+    let img = images();
+    let mut env = Env::new(img.registry.clone());
+    let pki = tempfile::tempdir().unwrap();
+    let server_ca = hearth_testkit::pki::TestCa::new(pki.path());
+    let server = server_ca.server_cert("agent");
+    client_ca_and_cert(pki.path(), "good");
+    client_ca_and_cert(pki.path(), "rogue");
+    env.cfg.api.tcp = Some(hearth_agent::config::TcpApiConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert: server.cert_pem.clone(),
+        key: server.key_pem.clone(),
+        client_ca: pki.path().join("good-ca.crt"),
+    });
+    let agent = TestAgent::start(&env).await;
+    let addr = agent.tcp_addr.expect("TCP listener");
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let connect = |client: Option<&str>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(server_ca.ca.cert_pem.clone())))
+            .domain_name("localhost");
+        if let Some(name) = client {
+            tls = tls.identity(Identity::from_pem(
+                read(pki.path().join(format!("{name}.crt"))),
+                read(pki.path().join(format!("{name}.key"))),
+            ));
+        }
+        let url = format!("https://127.0.0.1:{}", addr.port());
+        async move {
+            let channel = Channel::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await?;
+            Ok::<_, tonic::transport::Error>(pb::agent_client::AgentClient::new(channel))
+        }
+    };
+    let mut good = connect(Some("good"))
+        .await
+        .expect("trusted client connects");
+    let node = good
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.runtime, "sandbox");
+    for client in [None, Some("rogue")] {
+        let refused = match connect(client).await {
+            Err(_) => true,
+            Ok(mut c) => c.get_node(pb::GetNodeRequest {}).await.is_err(),
+        };
+        assert!(refused, "client {client:?} must be refused");
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hearthctl_tables_and_json() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let socket = env.cfg.api.socket.clone();
+    let ctl = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ctl2 = ctl.clone();
+    let busybox = img.busybox.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        ctl2(&[
+            "run",
+            "--id",
+            "cli",
+            &busybox,
+            "--memory",
+            "64",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo hello from cli; sleep 1000",
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("state        healthy"), "{out}");
+    let ctl3 = ctl.clone();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl3(&["ls"]))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(out.starts_with("ID "), "{out}");
+    assert!(out.lines().nth(1).unwrap().starts_with("cli "), "{out}");
+    let ctl4 = ctl.clone();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl4(&["--json", "get", "cli"]))
+        .await
+        .unwrap();
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "healthy");
+    assert_eq!(v["memory_mib"], 64);
+    let ctl5 = ctl.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            let (_, out, _) = ctl5(&["logs", "cli"]);
+            if out.contains("hello from cli") {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("no output");
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("hello from cli\n"), "{out}");
+    let ctl6 = ctl.clone();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || {
+        ctl6(&["exec", "cli", "--", "/bin/echo", "in", "there"])
+    })
+    .await
+    .unwrap();
+    assert!(ok);
+    assert_eq!(out, "in there\n");
+    let ctl7 = ctl.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl7(&["get", "Nope!"]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("Invalid instance id"),
+        "{err}"
+    );
+    let ctl8 = ctl.clone();
+    let (ok, out, _) =
+        tokio::task::spawn_blocking(move || ctl8(&["--json", "events", "--id", "cli"]))
+            .await
+            .unwrap();
+    assert!(ok);
+    let kinds: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kinds[..4], ["created", "starting", "started", "ready"]);
+    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl(&["images", "ls"]))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(out.contains("hearth/busybox"), "{out}");
+    agent.shutdown().await;
+}

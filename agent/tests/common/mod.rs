@@ -144,6 +144,7 @@ pub struct TestAgent {
     pub client: Client,
     pub metrics_addr: std::net::SocketAddr,
     pub ingress_addr: Option<std::net::SocketAddr>,
+    pub tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl TestAgent {
@@ -159,6 +160,7 @@ impl TestAgent {
         let listeners = Listeners::bind(&env.cfg).await.expect("listeners bind");
         let metrics_addr = listeners.metrics.as_ref().unwrap().local_addr().unwrap();
         let ingress_addr = listeners.ingress.as_ref().map(|l| l.local_addr().unwrap());
+        let tcp_addr = listeners.api_tcp.as_ref().map(|l| l.local_addr().unwrap());
         let daemon = Daemon::start(env.cfg.clone(), images, listeners)
             .await
             .expect("agent starts");
@@ -170,6 +172,7 @@ impl TestAgent {
             client,
             metrics_addr,
             ingress_addr,
+            tcp_addr,
         }
     }
 
