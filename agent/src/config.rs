@@ -71,6 +71,10 @@ stop_instances_on_shutdown = false
 # stop.
 expiry_stop_delay = "0s"
 
+[events]
+# Events kept in the store (the oldest are deleted at start beyond this); seqs never restart.
+keep = 1000000
+
 [defaults]
 # Used for fields an instance spec leaves out.
 vcpus = 1
@@ -196,6 +200,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Lifecycle timing.
     pub lifecycle: LifecycleConfig,
+    /// Event retention.
+    pub events: EventsConfig,
     /// Defaults for instance specs.
     pub defaults: InstanceDefaults,
     /// Instance logs.
@@ -278,6 +284,14 @@ pub struct LifecycleConfig {
     /// Time between activity_expired and the stop it causes.
     #[serde(with = "humantime_serde")]
     pub expiry_stop_delay: Duration,
+}
+
+/// Event retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events kept.
+    pub keep: u64,
 }
 
 /// Defaults for fields an instance spec leaves out.

@@ -235,6 +235,10 @@ impl Daemon {
             "runtime ready"
         );
         let store = Arc::new(Store::open(&cfg.state_dir.join("state.redb"))?);
+        let pruned = store.prune_events(cfg.events.keep.max(1))?;
+        if pruned > 0 {
+            tracing::info!(pruned, "deleted the oldest events");
+        }
         let events = EventLog::new(store);
         let tracker = TaskTracker::new();
         let sup_token = CancellationToken::new();

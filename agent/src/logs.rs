@@ -381,6 +381,15 @@ mod tests {
         assert_eq!(sink.read(0, 0).unwrap().len(), 2);
     }
 
+    proptest::proptest! {
+        /// A log file is only written by the agent, but a torn or corrupted one must never
+        /// panic the reader.
+        #[test]
+        fn decoding_any_bytes_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = decode_records(&data);
+        }
+    }
+
     #[tokio::test]
     async fn follow_switches_from_files_to_live_without_gaps() {
         let dir = tempfile::tempdir().unwrap();

@@ -954,6 +954,15 @@ impl Manager {
     /// Takes over the instances whose runtime was running when the previous agent stopped;
     /// finishes those whose process is gone.
     pub async fn adopt(self: &Arc<Self>) -> Result<(), InstanceError> {
+        // Image leases live in the cache's memory: take them again for every instance.
+        for entry in self.entries() {
+            let digest = entry.instance().image_digest;
+            if !digest.is_empty()
+                && let Err(e) = self.images.pin(&digest)
+            {
+                tracing::warn!(id = %entry.id, error = %e, "cannot pin the instance's image");
+            }
+        }
         if let Some(net) = &self.net {
             for entry in self.entries() {
                 let inst = entry.instance();
