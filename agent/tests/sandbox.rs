@@ -965,6 +965,32 @@ async fn hearthctl_tables_and_json() {
         })
         .collect();
     assert_eq!(kinds[..4], ["created", "starting", "started", "ready"]);
+    // A pull streams progress; the last message says done.
+    let httpd = img.httpd.clone();
+    let ctl9 = ctl.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || ctl9(&["--json", "images", "pull", &httpd]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let msgs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(msgs.len() >= 2, "{out}");
+    let last = msgs.last().unwrap();
+    assert_eq!(last["done"], true, "{out}");
+    assert!(
+        last["image"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m["phase"] == "downloading" || m["phase"] == "resolving"),
+        "{out}"
+    );
     let (ok, out, _) = tokio::task::spawn_blocking(move || ctl(&["images", "ls"]))
         .await
         .unwrap();

@@ -466,7 +466,8 @@ impl Supervisor {
         let now = self.mgr.clock.now();
         match msg {
             G::Hello(_) => {
-                tracing::warn!(id = %self.entry.id, "hearth-init sent a second Hello");
+                // Guest-triggered: not worth more than a debug line.
+                tracing::debug!(id = %self.entry.id, "hearth-init sent a second Hello");
             }
             G::Started(s) => {
                 self.started = true;
