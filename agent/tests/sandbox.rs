@@ -998,3 +998,59 @@ async fn hearthctl_tables_and_json() {
     assert!(out.contains("hearth/busybox"), "{out}");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_starts_on_request_and_requests_count_as_activity() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let mut env = Env::new(img.registry.clone());
+    env.cfg.ingress.start_on_request = true;
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let ingress = agent.ingress_addr.unwrap();
+    let spec = pb::InstanceSpec {
+        image: img.httpd.clone(),
+        default_port: 8080,
+        required_ports: vec![8080],
+        sleep_after_millis: Some(3_000),
+        stop_grace_millis: Some(1_000),
+        ..Default::default()
+    };
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "lazy".into(),
+        spec: Some(spec),
+    })
+    .await
+    .unwrap();
+    // Never started: the first request starts it and waits for it.
+    let (status, body) = http_get(ingress, "lazy").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_bytes(), hearth_testkit::oci::HTTPD_INDEX);
+    // Requests every second keep it awake well past sleep_after (3 s).
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (status, _) = http_get(ingress, "lazy").await;
+        assert_eq!(status, 200);
+    }
+    let i = c
+        .get_instance(pb::GetInstanceRequest { id: "lazy".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&i), pb::InstanceState::Healthy);
+    assert!(!names(&events(&mut c, "lazy").await).contains(&"activity_expired"));
+    // Then it sleeps, and the next request wakes it again (boot 2).
+    wait_state(&mut c, "lazy", &[pb::InstanceState::Stopped], LONG).await;
+    let (status, _) = http_get(ingress, "lazy").await;
+    assert_eq!(status, 200);
+    let i = c
+        .get_instance(pb::GetInstanceRequest { id: "lazy".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(i.boots, 2);
+    c.destroy_instance(pb::DestroyInstanceRequest { id: "lazy".into() })
+        .await
+        .unwrap();
+    agent.shutdown().await;
+}
