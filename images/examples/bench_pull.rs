@@ -117,6 +117,8 @@ fn main() -> anyhow::Result<()> {
                 while std::fs::read_dir(&tmp)?.next().is_some() && Instant::now() < deadline {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
+                // And let its writes reach the disk, as they would have long before.
+                std::process::Command::new("sync").status()?;
             }
             let reference: Reference = args[3].parse()?;
             let start = Instant::now();

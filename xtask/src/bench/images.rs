@@ -74,8 +74,14 @@ fn json_of(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(out.trim()).with_context(|| format!("Unexpected output: {out}"))
 }
 
+/// Flushes dirty pages, so one measurement does not pay for the previous one's writeback.
+fn sync() -> anyhow::Result<()> {
+    util::run(&mut Command::new("sync"))
+}
+
 fn baseline(reference: &str, dir: &Path) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
+    sync()?;
     let layout = dir.join("layout");
     let bundle = dir.join("bundle");
     let start = Instant::now();
@@ -135,6 +141,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut lookup_root = None;
     for run in 0..args.runs.max(1) {
         let root = work.0.join(format!("cold-{run}"));
+        sync()?;
         let r = json_of(
             Command::new(&bin)
                 .arg("pull")
@@ -148,6 +155,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&root);
 
         let root = work.0.join(format!("cached-{run}"));
+        sync()?;
         let r = json_of(
             Command::new(&bin)
                 .arg("pull")
