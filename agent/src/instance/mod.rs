@@ -20,6 +20,8 @@ pub mod network;
 pub mod router;
 pub mod spec;
 pub mod supervisor;
+#[cfg(test)]
+mod tests;
 pub mod timers;
 
 use std::{
