@@ -45,6 +45,8 @@ bpf_root = "/sys/fs/bpf/hearth"
 socket = "/run/hearth/agent.sock"
 # Mode of the socket file (octal).
 socket_mode = 0o660
+# Group owning the socket file (its members may use the API); empty = the agent's own group.
+socket_group = ""
 # Seconds a SIGTERM waits for in-flight calls before the API closes.
 drain_timeout = "10s"
 # Optional TCP listener with TLS and client-certificate authentication:
@@ -224,6 +226,8 @@ pub struct ApiConfig {
     pub socket: PathBuf,
     /// Mode of the socket file.
     pub socket_mode: u32,
+    /// Group owning the socket file (empty: the agent's group).
+    pub socket_group: String,
     /// How long a shutdown waits for in-flight calls.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,

@@ -144,7 +144,8 @@ pub struct Listeners {
 impl Listeners {
     /// Binds what `cfg` asks for.
     pub async fn bind(cfg: &Config) -> Result<Self, DaemonError> {
-        let api_unix = server::bind_unix(&cfg.api.socket, cfg.api.socket_mode)?;
+        let api_unix =
+            server::bind_unix(&cfg.api.socket, cfg.api.socket_mode, &cfg.api.socket_group)?;
         let api_tcp = match &cfg.api.tcp {
             Some(t) => Some(
                 TcpListener::bind(t.listen)

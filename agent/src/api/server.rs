@@ -22,6 +22,9 @@ pub enum ApiError {
     /// The socket could not be created.
     #[error("Cannot listen on {0}")]
     Bind(PathBuf, #[source] std::io::Error),
+    /// The socket's group does not exist.
+    #[error("Unknown group {0:?} for the API socket")]
+    Group(String),
     /// A TLS file could not be read.
     #[error("Cannot read TLS file {0}")]
     TlsFile(PathBuf, #[source] std::io::Error),
@@ -30,8 +33,9 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Binds the API's Unix socket (replacing a stale one) with `mode`.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ApiError> {
+/// Binds the API's Unix socket (replacing a stale one) with `mode`, owned by `group` when one
+/// is named.
+pub fn bind_unix(path: &Path, mode: u32, group: &str) -> Result<UnixListener, ApiError> {
     let err = |e| ApiError::Bind(path.to_owned(), e);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
@@ -42,6 +46,15 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ApiError> {
     }
     let l = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    if !group.is_empty() {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ApiError::Group(group.to_owned()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| ApiError::Bind(path.to_owned(), e.into()))?;
+    }
     Ok(l)
 }
 
@@ -87,4 +100,30 @@ pub async fn serve_tls(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn socket_gets_its_mode_and_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _l = bind_unix(&path, 0o660, "root").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 0);
+        // Binding again replaces the stale socket.
+        drop(_l);
+        let _l = bind_unix(&path, 0o600, "").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        let err = bind_unix(&dir.path().join("b.sock"), 0o660, "no-such-group-xyz").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Unknown group \"no-such-group-xyz\" for the API socket"
+        );
+    }
 }
