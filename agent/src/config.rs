@@ -525,6 +525,15 @@ mod tests {
     }
 
     #[test]
+    fn docs_show_the_defaults_verbatim() {
+        let doc = include_str!("../../docs/agent.md");
+        assert!(
+            doc.contains(DEFAULTS_TOML),
+            "docs/agent.md must quote DEFAULTS_TOML exactly"
+        );
+    }
+
+    #[test]
     fn round_trips_through_toml() {
         let c = Config::default();
         let again = Config::from_toml(&c.to_toml()).unwrap();
