@@ -291,8 +291,10 @@ fn live_update_no_policy_vlan_and_removal() {
     drop(pusher);
     assert_eq!(udp_exchange(&client, &server, N, SIZE), (N, N));
 
-    // Removal: links detached, pins gone, the interface unfiltered.
+    // Removal: links detached (even while another handle still holds them), pins gone, the
+    // interface unfiltered.
     let host_if = lab.host_if.clone();
+    let other_handle = Filter::adopt(&lab.root, "update").unwrap();
     f.remove().unwrap();
     assert!(!dir.exists());
     let (_, progs) = lab.host.run(|| {
@@ -300,6 +302,7 @@ fn live_update_no_policy_vlan_and_removal() {
             .unwrap()
     });
     assert!(progs.is_empty(), "programs still attached");
+    drop(other_handle);
     let denied = lab.host_udp(DENIED4.into(), 5005);
     assert_eq!(udp_exchange(&client, &denied, N, SIZE), (N, N));
     assert!(lab.root.instances().unwrap().is_empty());
