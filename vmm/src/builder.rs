@@ -160,6 +160,8 @@ pub struct Vmm {
 
 /// What the VMM's threads use.
 struct VmmParts {
+    /// Queue-notify ioeventfds to register once the guest runs: (event, address, queue).
+    ioevents: Vec<(EventFd, u64, u32)>,
     config: VmConfig,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -223,10 +225,13 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
         virtio.push(("vsock".into(), dev.clone(), qevts, dev));
     }
 
+    phase("inputs opened");
     // 2. KVM, memory, the VM.
     let kvm = vstate::kvm::open()?;
     let mem = vstate::memory::create(config.memory_mib)?;
+    phase("KVM opened, memory mapped");
     let vm = Vm::create(&kvm)?;
+    phase("VM created");
     // Registering memory and creating the irqchip each wait for a grace period in KVM (several
     // ms on some hosts): overlap them, and the memory slot with everything up to the vCPUs.
     std::thread::scope(|s| {
@@ -246,6 +251,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         slots?;
+        phase("memory slots registered");
         built
     })
     .map(|p| Vmm {
@@ -270,6 +276,7 @@ fn build_on(
     vsock_dev: Option<Arc<Mutex<Vsock>>>,
 ) -> Result<VmmParts, BuildError> {
     vm.setup_irqchip()?;
+    phase("irqchip and PIT created");
     let kernel_shown = config.kernel.display().to_string();
 
     // 3. The kernel, command line, initrd, zero page, MP table.
@@ -293,6 +300,7 @@ fn build_on(
         .map_err(BuildError::Boot)?;
     mptable::write(mem, config.vcpus)?;
 
+    phase("kernel loaded, boot structures written");
     // 4. Devices.
     let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Resource("an eventfd", e))?);
     let mut pio = Bus::new();
@@ -338,14 +346,23 @@ fn build_on(
     )?;
 
     let mut subscribers: Vec<Subscriber> = Vec::new();
+    let mut ioevents = Vec::new();
     for (i, (_name, dev, queue_evts, sub)) in virtio.into_iter().enumerate() {
         let addr = layout::virtio_mmio_addr(i as u32);
         let irq = evt()?;
         vm.register_irqfd(&irq, layout::virtio_irq(i as u32))?;
-        for (q, qevt) in queue_evts.iter().enumerate() {
-            vm.register_mmio_ioevent(qevt, addr + QUEUE_NOTIFY, Some(q as u32))?;
+        // Each ioeventfd costs KVM a grace period (milliseconds on some hosts): they are
+        // registered once the guest runs (see `Vmm::run`); until then the transport forwards
+        // queue notifications itself.
+        let mut fallback = Vec::with_capacity(queue_evts.len());
+        for (q, qevt) in queue_evts.into_iter().enumerate() {
+            fallback.push(
+                qevt.try_clone()
+                    .map_err(|e| BuildError::Resource("an eventfd", e))?,
+            );
+            ioevents.push((qevt, addr + QUEUE_NOTIFY, q as u32));
         }
-        let transport = MmioTransport::new(dev, mem.clone(), Arc::new(irq));
+        let transport = MmioTransport::new(dev, mem.clone(), Arc::new(irq), fallback);
         mmio.insert(
             addr,
             layout::VIRTIO_MMIO_SIZE,
@@ -354,6 +371,7 @@ fn build_on(
         subscribers.push(sub);
     }
 
+    phase("devices created");
     // 5. vCPUs.
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -371,6 +389,7 @@ fn build_on(
         vcpus.push(vcpu);
     }
 
+    phase("vCPUs configured");
     // 6. Files and sockets the VM owns, last, each recorded for cleanup.
     if let SerialOutput::File(path) = &config.serial {
         let file = File::create(path)
@@ -397,7 +416,9 @@ fn build_on(
         None => None,
     };
 
+    phase("files and sockets created");
     Ok(VmmParts {
+        ioevents,
         config,
         exit,
         serial,
@@ -464,6 +485,11 @@ fn io_thread(subscribers: Vec<Subscriber>, seccomp_on: bool, exit: Arc<ExitSigna
     }
 }
 
+/// Logs the time since process start at a build step (debug level: `--log-level debug`).
+fn phase(what: &str) {
+    tracing::debug!("{what} at {} us", process_start().elapsed().as_micros());
+}
+
 const TOKEN_EXIT: u64 = u64::MAX;
 const TOKEN_SIGNAL: u64 = u64::MAX - 1;
 
@@ -500,6 +526,11 @@ impl Vmm {
                 .map_err(|e| BuildError::Resource("the I/O thread", e))?;
         }
 
+        phase("threads started");
+        for (evt, addr, queue) in std::mem::take(&mut self.p.ioevents) {
+            self._vm.register_mmio_ioevent(&evt, addr, Some(queue))?;
+        }
+        phase("ioeventfds registered");
         let epoll = Epoll::new().map_err(|e| BuildError::Resource("an epoll", e))?;
         let add = |fd: RawFd, token: u64| {
             epoll.ctl(

@@ -55,14 +55,19 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// The queues' notify events, written here for notifications that reach the transport
+    /// (before KVM's ioeventfds are registered, and for any the ioeventfds do not match).
+    queue_evts: Vec<EventFd>,
 }
 
 impl MmioTransport {
-    /// A transport for `device`, raising `irq` (an irqfd).
+    /// A transport for `device`, raising `irq` (an irqfd); `queue_evts` are the device's
+    /// queue-notify events, in queue order.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
         irq: Arc<EventFd>,
+        queue_evts: Vec<EventFd>,
     ) -> Self {
         let sizes: Vec<u16> = lock(&device).queue_max_sizes().to_vec();
         let queues = sizes
@@ -83,6 +88,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            queue_evts,
         }
     }
 
@@ -217,6 +223,12 @@ impl MmioTransport {
             0x30 => self.queue_select = v,
             0x38 => self.update_queue(|q| q.set_size(v as u16)),
             0x44 => self.update_queue(|q| q.set_ready(v == 1)),
+            0x50 => {
+                if let Some(evt) = self.queue_evts.get(v as usize) {
+                    // Only fails if the counter would overflow; the device drains it.
+                    let _ = evt.write(1);
+                }
+            }
             0x64 => {
                 self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
             }
@@ -310,7 +322,15 @@ mod tests {
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let dev = Arc::new(Mutex::new(Dummy::default()));
-        let t = MmioTransport::new(dev.clone(), mem, Arc::new(EventFd::new(0).unwrap()));
+        let t = MmioTransport::new(
+            dev.clone(),
+            mem,
+            Arc::new(EventFd::new(0).unwrap()),
+            vec![
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ],
+        );
         (t, dev)
     }
 
@@ -386,6 +406,15 @@ mod tests {
         );
         assert_ne!(r(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(dev.lock().unwrap().activated, None);
+    }
+
+    #[test]
+    fn notifications_reach_the_queue_events() {
+        let (mut t, _) = setup();
+        w(&mut t, QUEUE_NOTIFY, 1);
+        w(&mut t, QUEUE_NOTIFY, 7);
+        assert_eq!(t.queue_evts[1].read().unwrap(), 1);
+        assert!(t.queue_evts[0].read().is_err(), "queue 0 was not notified");
     }
 
     #[test]
