@@ -19,6 +19,7 @@
 //! - [`ebpf`]: the embedded eBPF object and its loader.
 //! - [`net`]: node networking (bridge, addresses, veth/TAP, NAT).
 //! - [`ingress`]: the HTTP ingress proxy.
+//! - [`doctor`]: `hearth-agent doctor`, the preflight check of a host.
 
 #![deny(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod doctor;
 pub mod ebpf;
 pub mod events;
 pub mod images;

@@ -2,7 +2,8 @@
 //!
 //! `hearth-agent [--config FILE] [overrides]` runs the agent until SIGTERM/SIGINT;
 //! `hearth-agent print-defaults` prints the default config; `hearth-agent ebpf-check` loads
-//! the embedded eBPF programs and reports them.
+//! the embedded eBPF programs and reports them; `hearth-agent doctor` checks that the host can
+//! run the agent (see `docs/install.md`).
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -54,6 +55,14 @@ enum Command {
     PrintConfig,
     /// Load the embedded eBPF programs into the kernel and report what was loaded (needs root).
     EbpfCheck,
+    /// Check that this host can run the agent (KVM, kernel, BTF, TCX, cgroups, TUN, bpffs,
+    /// disk, ...) and say how to fix what is missing. Reads /etc/hearth/agent.toml when no
+    /// --config is given; exits 1 when a check failed.
+    Doctor {
+        /// Print the checks (and the facts behind them) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn config(cli: &Cli) -> anyhow::Result<Config> {
@@ -125,6 +134,9 @@ fn main() -> std::process::ExitCode {
         }
         Some(Command::PrintConfig) => config(&cli).map(|c| print!("{}", c.to_toml())),
         Some(Command::EbpfCheck) => ebpf_check(),
+        Some(Command::Doctor { json }) => {
+            hearth_agent::doctor::cli(cli.config.as_deref(), cli.runtime, json).map_err(Into::into)
+        }
         None => config(&cli).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
