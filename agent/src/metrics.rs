@@ -51,7 +51,7 @@ pub fn render(node: &Node) -> String {
         node.mgr.events.last_seq().unwrap_or(0)
     );
     let metrics = node.all_metrics();
-    let series: [Series; 13] = [
+    let series: [Series; 15] = [
         (
             "hearth_instance_cpu_usage_seconds_total",
             "counter",
@@ -123,6 +123,18 @@ pub fn render(node: &Node) -> String {
             "counter",
             "Log records hearth-init had to drop.",
             |m| m.logs_dropped as f64,
+        ),
+        (
+            "hearth_instance_vmm_boot_time_seconds",
+            "gauge",
+            "From hearth-vmm's start to the guest's boot-timer write.",
+            |m| m.vmm_boot_time_us as f64 / 1e6,
+        ),
+        (
+            "hearth_instance_vmm_vcpu_exits_total",
+            "counter",
+            "vCPU exits of the instance's VMM.",
+            |m| m.vmm_vcpu_exits as f64,
         ),
         (
             "hearth_instance_ingress_requests_total",

@@ -103,6 +103,17 @@ async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", vmm[0])).unwrap();
     assert_eq!(comm.trim(), "hearth-vmm");
 
+    // Metrics from the VMM (its RSS, and its control socket's counters).
+    let m = c
+        .get_metrics(pb::GetMetricsRequest { id: "vm-1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert!(m.runtime_rss_bytes > 0, "{m:?}");
+    assert!(m.vmm_vcpu_exits > 0, "{m:?}");
+
     // The guest ignores the Stop: SIGKILL to the VMM when grace + margin run out.
     c.stop_instance(pb::StopInstanceRequest {
         id: "vm-1".into(),

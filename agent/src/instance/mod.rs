@@ -914,7 +914,10 @@ impl Manager {
             m.net_tx_bytes = im.net_tx_bytes;
         }
         if let Some(rt) = entry.private().runtime {
-            m.runtime_rss_bytes = self.runtime.usage(&rt).rss_bytes;
+            let usage = self.runtime.usage(&rt);
+            m.runtime_rss_bytes = usage.rss_bytes;
+            m.vmm_boot_time_us = usage.boot_time_us;
+            m.vmm_vcpu_exits = usage.vcpu_exits;
         }
         if let Some(c) = self.net.as_ref().and_then(|n| n.counters(&entry.id)) {
             m.ebpf_packets_allowed = c.packets_allowed;

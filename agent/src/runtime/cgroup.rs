@@ -6,7 +6,9 @@
 //! of nothing the service manager kills when the agent stops (run the agent with
 //! `KillMode=process` and `Delegate=yes` under systemd; see `docs/agent.md`), so instances
 //! survive an agent restart, and the paths are derivable from the id, so a restarted agent finds
-//! them again.
+//! them again. An agent that starts in a leaf named [`AGENT_LEAF`] (systemd's
+//! `DelegateSubgroup=agent`, see `docs/install.md`) takes the leaf's parent as its own cgroup:
+//! that is the leaf it would have moved itself into.
 //!
 //! The kernel interface is behind [`CgroupFs`] so the layout and limit logic is unit-testable
 //! against a temp directory.
@@ -64,6 +66,20 @@ pub struct Limits {
 
 const CPU_PERIOD_US: u64 = 100_000;
 
+/// The leaf of its own cgroup the agent runs in on cgroup v2 (the no-internal-processes rule
+/// keeps processes out of a cgroup whose controllers are enabled for its children).
+pub const AGENT_LEAF: &str = "agent";
+
+/// The cgroup whose subtree the agent manages, from the one it runs in: the parent when it
+/// already runs in its [`AGENT_LEAF`], so that a restarted agent (placed there by systemd's
+/// `DelegateSubgroup=agent`) finds the same layout.
+fn delegated_root(own: &str) -> &str {
+    match own.strip_suffix(AGENT_LEAF) {
+        Some(parent) if parent.ends_with('/') && parent.len() > 1 => &parent[..parent.len() - 1],
+        _ => own,
+    }
+}
+
 /// The node's cgroup layout: where instance cgroups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -109,7 +125,8 @@ impl Layout {
                 version: Version::V2,
                 parents: vec![(
                     String::new(),
-                    root.join(own.trim_start_matches('/')).join(parent),
+                    root.join(delegated_root(&own).trim_start_matches('/'))
+                        .join(parent),
                 )],
             });
         }
@@ -123,7 +140,7 @@ impl Layout {
             parents.push((
                 ctrl.to_owned(),
                 root.join(ctrl)
-                    .join(own.trim_start_matches('/'))
+                    .join(delegated_root(&own).trim_start_matches('/'))
                     .join(parent),
             ));
         }
@@ -169,7 +186,7 @@ impl Layout {
 /// agent moves itself into a leaf `<own>/agent` first (still inside its own subtree).
 fn enable_v2_controllers(parent: &Path) -> Result<(), CgroupError> {
     let own = parent.parent().expect("parent has a parent");
-    let leaf = own.join("agent");
+    let leaf = own.join(AGENT_LEAF);
     let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap_or_default();
     if !procs.trim().is_empty() {
         std::fs::create_dir_all(&leaf).map_err(io_err(&leaf))?;
@@ -406,6 +423,21 @@ mod tests {
                 root.path().join("system.slice/hearth.service/hearth")
             )]
         );
+    }
+
+    #[test]
+    fn an_agent_started_in_its_leaf_manages_the_parent() {
+        // systemd >= 254 with DelegateSubgroup=agent starts the agent where it would have
+        // moved itself: the layout is the same as for an agent started in the unit's cgroup.
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "memory cpu pids").unwrap();
+        let unit = Layout::detect(root.path(), "0::/system.slice/h.service\n", "hearth").unwrap();
+        let leaf =
+            Layout::detect(root.path(), "0::/system.slice/h.service/agent\n", "hearth").unwrap();
+        assert_eq!(unit, leaf);
+        assert_eq!(delegated_root("/agent"), "/agent");
+        assert_eq!(delegated_root("/x/myagent"), "/x/myagent");
+        assert_eq!(delegated_root("/x/agent"), "/x");
     }
 
     #[test]

@@ -30,6 +30,20 @@ const VMM_OVERHEAD_MIB: u64 = 64;
 /// The guest's vsock context id (only the host, CID 2, is ever dialled).
 const GUEST_CID: u32 = 3;
 
+/// Asks hearth-vmm's control socket for `metrics` (one line of JSON), briefly.
+fn vmm_metrics(socket: &Path) -> Option<serde_json::Value> {
+    use std::io::{BufRead as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let t = Some(std::time::Duration::from_millis(200));
+    s.set_read_timeout(t).ok()?;
+    s.set_write_timeout(t).ok()?;
+    s.write_all(b"metrics\n").ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    (v["ok"] == true).then_some(v)
+}
+
 /// The microvm runtime.
 #[derive(Debug)]
 pub struct Microvm {
@@ -262,6 +276,17 @@ impl Runtime for Microvm {
             })
             .map(|kib| kib * 1024)
             .unwrap_or(0);
-        RuntimeUsage { rss_bytes: rss }
+        let mut usage = RuntimeUsage {
+            rss_bytes: rss,
+            ..Default::default()
+        };
+        if let Some(m) = state.vmm_socket.as_deref().and_then(vmm_metrics) {
+            usage.boot_time_us = m["metrics"]["boot_time_us"].as_u64().unwrap_or(0);
+            usage.vcpu_exits = m["metrics"]["vcpu_exits"]
+                .as_object()
+                .map(|o| o.values().filter_map(|v| v.as_u64()).sum())
+                .unwrap_or(0);
+        }
+        usage
     }
 }

@@ -107,6 +107,10 @@ pub struct RuntimeState {
 pub struct RuntimeUsage {
     /// Resident memory of the VMM, or memory charged to the sandbox's cgroup.
     pub rss_bytes: u64,
+    /// The VMM's start to the guest's boot-timer write (microvm; 0 when unknown).
+    pub boot_time_us: u64,
+    /// vCPU exits so far (microvm).
+    pub vcpu_exits: u64,
 }
 
 /// A runtime.

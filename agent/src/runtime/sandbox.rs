@@ -184,6 +184,7 @@ impl Runtime for Sandbox {
     fn usage(&self, state: &RuntimeState) -> RuntimeUsage {
         RuntimeUsage {
             rss_bytes: state.cgroup.as_ref().map(|c| c.memory_usage()).unwrap_or(0),
+            ..Default::default()
         }
     }
 }
