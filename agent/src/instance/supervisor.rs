@@ -736,6 +736,9 @@ impl Supervisor {
             self.error_event(kind, message);
         }
         let init_error = self.init_error;
+        // Detach from the entry before the state says stopped: a start that follows at once
+        // installs its own supervisor, which this one must not clear afterwards.
+        *self.entry.sup.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.commit(|i, p| {
             i.state = if failed {
                 pb::InstanceState::Failed
@@ -757,7 +760,6 @@ impl Supervisor {
                 exit: Some(exit),
             })]
         });
-        *self.entry.sup.lock().unwrap_or_else(|e| e.into_inner()) = None;
         for (_, tx) in self.execs.drain() {
             let _ = tx.send(Err(InstanceError::NotConnected(self.entry.id.clone())));
         }
