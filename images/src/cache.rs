@@ -1364,3 +1364,27 @@ async fn download_once(
     blocking(move || writer.commit()).await?.map_err(blob_err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent runs prefetches in spawned tasks and boxes errors as `dyn Error + Send + Sync`.
+    #[test]
+    fn futures_and_errors_cross_threads() {
+        fn send_future<'a>(cache: &'a ImageCache, r: &'a Reference) -> impl Future + Send + 'a {
+            async move {
+                let _ = cache.prefetch(r, &|_| {}).await;
+            }
+        }
+        fn error_bounds<E: std::error::Error + Send + Sync + 'static>() {}
+        fn send_sync_clone<T: Send + Sync + Clone + 'static>() {}
+        let _ = send_future;
+        error_bounds::<PullError>();
+        error_bounds::<RemoveError>();
+        error_bounds::<OpenError>();
+        error_bounds::<EvictError>();
+        send_sync_clone::<ImageCache>();
+        send_sync_clone::<CachedImage>();
+    }
+}

@@ -193,6 +193,8 @@ pub fn apply_layer(
     // Resolved parent directories. Valid while no directory or symlink is removed or created
     // in their place, so it is cleared whenever an entry removes something or adds a symlink.
     let mut dir_cache: HashMap<Vec<std::ffi::OsString>, PathBuf> = HashMap::new();
+    // One large buffer for file contents: fewer write calls than io::copy's 8 KiB.
+    let mut buf = vec![0u8; 256 << 10];
 
     for entry in archive.entries().map_err(UnpackError::Tar)? {
         let mut entry = entry.map_err(UnpackError::Tar)?;
@@ -301,7 +303,7 @@ pub fn apply_layer(
                     other => other,
                 }
                 .map_err(io_at("create", &target))?;
-                stats.bytes += io::copy(&mut entry, &mut f).map_err(UnpackError::Tar)?;
+                stats.bytes += copy_big(&mut entry, &mut f, &mut buf, &target)?;
                 // Metadata through the open file: no more path lookups per file.
                 if options.preserve_ownership {
                     std::os::unix::fs::fchown(&f, Some(uid as u32), Some(gid as u32))
@@ -391,6 +393,36 @@ pub fn apply_layer(
         sys::lset_mtime(dir, *mtime).map_err(io_at("set times of", dir))?;
     }
     Ok(stats)
+}
+
+/// Copies an entry's content into `out` through `buf`; returns the bytes copied.
+fn copy_big(
+    from: &mut impl Read,
+    out: &mut File,
+    buf: &mut [u8],
+    target: &Path,
+) -> Result<u64, UnpackError> {
+    let mut total = 0u64;
+    loop {
+        // Fill the buffer as far as the entry goes, then write it in one call.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(UnpackError::Tar(e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        io::Write::write_all(out, &buf[..filled]).map_err(io_at("write", target))?;
+        total += filled as u64;
+        if filled < buf.len() {
+            return Ok(total);
+        }
+    }
 }
 
 fn apply_xattrs(target: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], options: UnpackOptions) {
