@@ -31,6 +31,7 @@ const ID: &str = "demo-web";
 const BRIDGE: &str = "hearthdemo0";
 const NAT_TABLE: &str = "hearth_demo";
 const BPF_ROOT: &str = "/sys/fs/bpf/hearth-demo";
+const CGROUP_PARENT: &str = "hearth-demo";
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -82,6 +83,30 @@ impl Drop for Demo {
         quiet(Command::new("ip").args(["link", "del", BRIDGE]));
         quiet(Command::new("nft").args(["delete", "table", "ip", NAT_TABLE]));
         let _ = std::fs::remove_dir_all(BPF_ROOT);
+        // The (empty) parent cgroups, in every hierarchy the agent used.
+        for ctrl in ["memory", "cpu", "pids", ""] {
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| {
+                    let mut p = l.splitn(3, ':');
+                    let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+                    c.split(',')
+                        .any(|x| x == ctrl || (ctrl.is_empty() && x.is_empty()))
+                        .then(|| path.to_owned())
+                });
+            if let Some(own) = own {
+                let base = if ctrl.is_empty() {
+                    "/sys/fs/cgroup".to_owned()
+                } else {
+                    format!("/sys/fs/cgroup/{ctrl}")
+                };
+                let _ = std::fs::remove_dir(format!(
+                    "{base}{}/{CGROUP_PARENT}",
+                    own.trim_end_matches('/')
+                ));
+            }
+        }
         if self.keep {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             println!("demo: state kept in {}", path.keep().display());
@@ -195,6 +220,9 @@ listen = "127.0.0.1:{metrics_port}"
 
 [sandbox]
 init_path = "{init}"
+
+[cgroup]
+parent = "{CGROUP_PARENT}"
 
 [images]
 insecure_registries = ["{registry}"]
