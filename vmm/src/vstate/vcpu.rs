@@ -126,7 +126,8 @@ impl Vcpu {
         let m = &metrics().vcpu_exits;
         loop {
             if self.exit.reason().is_some() {
-                return;
+                // Another vCPU or the main thread ended the VM: the process is about to exit.
+                park_forever();
             }
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -207,10 +208,15 @@ impl Vcpu {
                 }
             };
             self.exit.signal(reason);
-            // The main thread ends the process; keep the vCPU's descriptors until then.
-            loop {
-                std::thread::park();
-            }
+            park_forever();
         }
+    }
+}
+
+/// The main thread ends the process; the vCPU keeps its descriptors until then (closing them
+/// would start tearing the VM down on this thread).
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
     }
 }

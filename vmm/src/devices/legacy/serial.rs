@@ -102,7 +102,11 @@ impl SerialOut {
             return;
         }
         let res = match &mut self.sink {
-            SerialSink::Stdout => std::io::stdout().lock().write_all(&self.line),
+            SerialSink::Stdout => {
+                // Rust's stdout buffers up to a newline; a partial last line must still go out.
+                let mut out = std::io::stdout().lock();
+                out.write_all(&self.line).and_then(|()| out.flush())
+            }
             SerialSink::File(f) => f.write_all(&self.line),
             SerialSink::Ring(r) => {
                 r.lock().unwrap_or_else(|e| e.into_inner()).push(&self.line);
