@@ -1054,3 +1054,45 @@ async fn ingress_starts_on_request_and_requests_count_as_activity() {
         .unwrap();
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_instances_when_configured() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let mut env = Env::new(img.registry.clone());
+    env.cfg.lifecycle.stop_instances_on_shutdown = true;
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "bye".into(),
+        spec: Some(sh_spec(
+            &img.busybox,
+            "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+        )),
+    })
+    .await
+    .unwrap();
+    c.start_instance(pb::StartInstanceRequest { id: "bye".into() })
+        .await
+        .unwrap();
+    wait_state(&mut c, "bye", &[pb::InstanceState::Healthy], LONG).await;
+    drop(c);
+    agent.shutdown().await;
+    // The next agent finds it stopped by the shutdown, with its exit code.
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let i = c
+        .get_instance(pb::GetInstanceRequest { id: "bye".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state(&i), pb::InstanceState::Stopped);
+    assert_eq!(i.exit.unwrap().exit_code, 0);
+    let evs = events(&mut c, "bye").await;
+    let cause = evs.iter().find_map(|e| match &e.kind {
+        Some(pb::event::Kind::Stopping(s)) => Some(s.cause),
+        _ => None,
+    });
+    assert_eq!(cause, Some(pb::StopCause::Shutdown as i32));
+    agent.shutdown().await;
+}
