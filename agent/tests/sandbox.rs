@@ -991,11 +991,31 @@ async fn hearthctl_tables_and_json() {
             .any(|m| m["phase"] == "downloading" || m["phase"] == "resolving"),
         "{out}"
     );
-    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl(&["images", "ls"]))
+    let ctl10 = ctl.clone();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl10(&["images", "ls"]))
         .await
         .unwrap();
     assert!(ok);
     assert!(out.contains("hearth/busybox"), "{out}");
+    assert!(out.contains("hearth/httpd"), "{out}");
+    // An image an instance uses stays; an unused one goes.
+    let (busybox, httpd) = (img.busybox.clone(), img.httpd.clone());
+    let ctl11 = ctl.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl11(&["images", "rm", &busybox]))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("FailedPrecondition"), "{err}");
+    let ctl12 = ctl.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl12(&["images", "rm", &httpd]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl(&["images", "ls"]))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(!out.contains("hearth/httpd"), "{out}");
     agent.shutdown().await;
 }
 
