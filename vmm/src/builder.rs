@@ -160,6 +160,8 @@ pub struct Vmm {
 
 /// What the VMM's threads use.
 struct VmmParts {
+    /// SIGTERM, SIGINT and SIGHUP (blocked in every thread).
+    sigfd: RawFd,
     /// Queue-notify ioeventfds to register once the guest runs: (event, address, queue).
     ioevents: Vec<(EventFd, u64, u32)>,
     config: VmConfig,
@@ -178,6 +180,9 @@ fn evt() -> Result<EventFd, BuildError> {
 
 /// Builds the VM; files it creates are recorded in `cleanup`.
 pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError> {
+    // Before any thread exists (all inherit the mask) and before any file the agent may see:
+    // SIGTERM from then on ends the VM through the main loop.
+    let sigfd = signal_fd()?;
     // 1. Open every input: nothing has been created yet if one is missing.
     let kernel_shown = config.kernel.display().to_string();
     let kernel_file =
@@ -237,6 +242,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
     std::thread::scope(|s| {
         let slots = s.spawn(|| vm.register_memory(&mem));
         let built = build_on(
+            sigfd,
             config,
             cleanup,
             &kvm,
@@ -265,6 +271,7 @@ pub fn build(config: VmConfig, cleanup: &mut Cleanup) -> Result<Vmm, BuildError>
 /// Everything after the VM exists: irqchip, kernel, devices, vCPUs, files.
 #[allow(clippy::too_many_arguments)]
 fn build_on(
+    sigfd: RawFd,
     config: VmConfig,
     cleanup: &mut Cleanup,
     kvm: &kvm_ioctls::Kvm,
@@ -418,6 +425,7 @@ fn build_on(
 
     phase("files and sockets created");
     Ok(VmmParts {
+        sigfd,
         ioevents,
         config,
         exit,
@@ -497,7 +505,7 @@ impl Vmm {
     /// Starts the guest and serves the control socket until the VM ends; returns why it ended.
     /// The caller exits the process (which stops the vCPU and I/O threads).
     pub fn run(mut self) -> Result<ExitReason, BuildError> {
-        let sigfd = signal_fd()?;
+        let sigfd = self.p.sigfd;
         let seccomp_on = self.p.config.seccomp;
         if seccomp_on {
             seccomp::install_sigsys_handler()

@@ -7,7 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::exit::EXIT_SECCOMP;
 
@@ -65,8 +68,13 @@ const COMMON: &[i64] = &[
     libc::SYS_fcntl,
 ];
 
-/// vCPU threads: KVM_RUN (ioctl), serial output, irqfd/ioeventfd writes.
-const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_fsync];
+/// vCPU threads: serial output, irqfd and eventfd writes (and `ioctl`, limited to KVM_RUN).
+const VCPU: &[i64] = &[libc::SYS_fsync];
+
+/// `KVM_RUN`.
+const KVM_RUN: u64 = 0xae80;
+/// `FIONBIO` (what `set_nonblocking` uses).
+const FIONBIO: u64 = 0x5421;
 
 /// The I/O thread: epoll, sockets (vsock host side, TAP), disk I/O (io_uring or sync).
 const IO: &[i64] = &[
@@ -94,8 +102,6 @@ const IO: &[i64] = &[
     libc::SYS_getsockopt,
     libc::SYS_fcntl,
     libc::SYS_eventfd2,
-    // set_nonblocking (FIONBIO) on host-side vsock streams.
-    libc::SYS_ioctl,
 ];
 
 /// The main thread: epoll, the control socket, cleanup of its socket files.
@@ -110,7 +116,6 @@ const VMM: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_fsync,
-    libc::SYS_ioctl,
 ];
 
 /// The system calls `kind` may make.
@@ -126,10 +131,28 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
+/// The one `ioctl` request `kind` may make: KVM_RUN on vCPU threads, FIONBIO elsewhere
+/// (control connections, host-side vsock streams).
+pub fn allowed_ioctl(kind: ThreadKind) -> Option<u64> {
+    match kind {
+        ThreadKind::Vmm => Some(FIONBIO),
+        ThreadKind::Vcpu => Some(KVM_RUN),
+        ThreadKind::Io => Some(FIONBIO),
+    }
+}
+
 /// Compiles the filter for `kind`, with `mismatch` for calls outside the list.
 pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(kind).into_iter().map(|nr| (nr, vec![])).collect();
+    if let Some(request) = allowed_ioctl(kind) {
+        let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+            .map_err(SeccompError::Build)?;
+        rules.insert(
+            libc::SYS_ioctl,
+            vec![SeccompRule::new(vec![cond]).map_err(SeccompError::Build)?],
+        );
+    }
     let arch = TargetArch::x86_64;
     SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .and_then(TryInto::try_into)
@@ -235,10 +258,28 @@ mod tests {
             let sock_err = std::io::Error::last_os_error().raw_os_error();
             // SAFETY: as above.
             let wrote = unsafe { libc::write(2, b"".as_ptr().cast(), 0) };
-            (pipe, sock, sock_err, wrote)
+            // KVM_RUN passes the filter (and fails on a bad fd); FIONBIO does not.
+            // SAFETY: ioctls on an invalid descriptor have no effect.
+            let run = unsafe { libc::ioctl(-1, KVM_RUN as _) };
+            let run_err = std::io::Error::last_os_error().raw_os_error();
+            let mut on = 1i32;
+            // SAFETY: as above.
+            let nb = unsafe { libc::ioctl(-1, FIONBIO as _, &mut on) };
+            let nb_err = std::io::Error::last_os_error().raw_os_error();
+            (pipe, sock, sock_err, wrote, (run, run_err), (nb, nb_err))
         })
         .join()
         .unwrap();
+        assert_eq!(
+            res.4,
+            (-1, Some(libc::EBADF)),
+            "KVM_RUN must pass the filter"
+        );
+        assert_eq!(
+            res.5,
+            (-1, Some(libc::EPERM)),
+            "other ioctls must be refused"
+        );
         assert_eq!(res.0, -1, "pipe2 must be refused");
         assert_eq!((res.1, res.2), (-1, Some(libc::EPERM)));
         assert_eq!(res.3, 0, "write must still work");
