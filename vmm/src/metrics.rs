@@ -106,3 +106,27 @@ pub fn process_start() -> std::time::Instant {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     *START.get_or_init(std::time::Instant::now)
 }
+
+/// Rate limit for log lines a guest can trigger: true at most once per second per `slot`
+/// (`slot` holds the last time, in ms since process start, that was allowed).
+pub fn log_allowed(slot: &AtomicU64) -> bool {
+    let now = process_start().elapsed().as_millis() as u64 + 1000;
+    let last = slot.load(Ordering::Relaxed);
+    now >= last + 1000
+        && slot
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_triggered_logs_are_rate_limited() {
+        let slot = AtomicU64::new(0);
+        assert!(log_allowed(&slot));
+        assert!(!log_allowed(&slot));
+        assert!(!log_allowed(&slot));
+    }
+}

@@ -162,7 +162,10 @@ impl MmioTransport {
         match lock(&self.device).activate(activation) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::warn!("virtio device activation failed: {e:#}");
+                static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::metrics::log_allowed(&LAST) {
+                    tracing::warn!("virtio device activation failed: {e:#}");
+                }
                 self.status |= status::DEVICE_NEEDS_RESET;
             }
         }

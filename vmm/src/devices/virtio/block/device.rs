@@ -123,11 +123,18 @@ impl Block {
         self.engine = match Engine::new(self.engine_kind, &self.file) {
             Ok(e) => Some(e),
             Err(e) if self.engine_kind == EngineKind::IoUring => {
-                tracing::warn!("io_uring unavailable ({e}); this disk uses the sync engine");
+                // The guest can repeat activation (reset, then DRIVER_OK): rate-limited.
+                static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::metrics::log_allowed(&LAST) {
+                    tracing::warn!("io_uring unavailable ({e}); this disk uses the sync engine");
+                }
                 Engine::new(EngineKind::Sync, &self.file).ok()
             }
             Err(e) => {
-                tracing::error!("Cannot start the block I/O engine: {e}");
+                static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if crate::metrics::log_allowed(&LAST) {
+                    tracing::error!("Cannot start the block I/O engine: {e}");
+                }
                 None
             }
         };
