@@ -150,6 +150,133 @@ impl ImageCache for FakeImages {
 
 const S: i64 = 1_000_000_000;
 
+/// A manager over the fakes, in `dir`.
+fn manager(dir: &std::path::Path) -> (Arc<Manager>, Arc<FakeRuntime>) {
+    let cfg = Config {
+        state_dir: dir.join("s"),
+        run_dir: dir.join("r"),
+        ..Config::default()
+    };
+    std::fs::create_dir_all(&cfg.run_dir).unwrap();
+    let runtime = Arc::new(FakeRuntime {
+        dir: cfg.run_dir.clone(),
+        kills: AtomicU32::new(0),
+    });
+    let store = Arc::new(Store::open(&dir.join("state.redb")).unwrap());
+    let mgr = Manager::new(
+        Arc::new(cfg),
+        EventLog::new(store),
+        runtime.clone(),
+        Arc::new(FakeImages),
+        None,
+        TaskTracker::new(),
+        CancellationToken::new(),
+    )
+    .unwrap();
+    (mgr, runtime)
+}
+
+/// Whatever a (buggy or hostile) guest might send, as a proptest strategy.
+fn guest_message() -> impl proptest::strategy::Strategy<Value = G> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(G::Started(init::Started::default())),
+        Just(G::Ready(init::Ready::default())),
+        Just(G::Hello(init::Hello::default())),
+        (
+            any::<u64>(),
+            any::<i32>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<bool>()
+        )
+            .prop_map(|(seq, stream, data, partial)| G::Log(init::LogRecord {
+                seq,
+                stream,
+                data,
+                partial,
+                ..Default::default()
+            })),
+        any::<u64>().prop_map(|count| G::LogsDropped(init::LogsDropped {
+            count,
+            ..Default::default()
+        })),
+        any::<u64>().prop_map(|m| G::Metrics(init::Metrics {
+            memory_used_bytes: m,
+            ..Default::default()
+        })),
+        (any::<i32>(), ".{0,40}", any::<bool>()).prop_map(|(kind, message, fatal)| {
+            G::InitError(init::InitError {
+                kind,
+                message,
+                fatal,
+                ..Default::default()
+            })
+        }),
+        (any::<u64>(), any::<i32>()).prop_map(|(request_id, exit_code)| {
+            G::ExecResult(init::ExecResult {
+                request_id,
+                exit_code,
+                ..Default::default()
+            })
+        }),
+        (any::<i32>(), any::<i32>()).prop_map(|(exit_code, reason)| G::Exited(init::Exited {
+            exit_code,
+            reason,
+            ..Default::default()
+        })),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+    /// A guest can send anything in any order: the agent stays consistent (bounded error
+    /// events, the instance can always be destroyed, its end is recorded).
+    #[test]
+    fn any_guest_message_sequence_leaves_the_agent_consistent(
+        msgs in proptest::collection::vec(guest_message(), 0..40)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (mgr, _runtime) = manager(dir.path());
+            mgr.create("g", pb::InstanceSpec {
+                image: "registry.test/app:v1".into(),
+                ..Default::default()
+            }).await.unwrap();
+            mgr.start("g").await.unwrap();
+            let stream = tokio::net::UnixStream::connect(dir.path().join("r/g.sock")).await.unwrap();
+            let hello = init::Hello {
+                protocol_version: hearth_proto::PROTOCOL_VERSION,
+                instance_id: "g".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            };
+            let (ch, _) = GuestChannel::connect(stream, hello, Duration::from_secs(10)).await.unwrap();
+            let mut guest = ch.into_framed();
+            for m in msgs {
+                if guest.send(GuestMessage { msg: Some(m) }).await.is_err() {
+                    break;
+                }
+            }
+            // Let the supervisor take everything in.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            mgr.destroy("g").await.unwrap();
+            let mut w = Box::pin(mgr.events.watch(1, Some("g".into())));
+            let mut evs = Vec::new();
+            while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(100), w.next()).await {
+                evs.push(e.unwrap());
+            }
+            let names: Vec<_> = evs.iter().map(crate::model::event_name).collect();
+            assert_eq!(names.first(), Some(&"created"));
+            assert_eq!(names.last(), Some(&"destroyed"));
+            assert_eq!(names.iter().filter(|n| **n == "stopped").count(), 1, "{names:?}");
+            assert!(names.iter().filter(|n| **n == "error").count() <= 17, "{names:?}");
+            assert!(mgr.get("g").is_err());
+        });
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn sleep_after_expires_then_an_unanswered_stop_is_killed_after_grace_and_margin() {
     let dir = tempfile::tempdir().unwrap();
