@@ -184,3 +184,94 @@ impl VirtioDevice for Vsock {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::unix::net::UnixListener,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::{
+        desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::vsock::packet::{HOST_CID, Header, TYPE_STREAM, op};
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    #[test]
+    fn request_to_a_host_listener_is_answered_through_the_rx_queue() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let _host = UnixListener::bind(format!("{}_1024", uds.display())).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let evq = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+
+        // TX: a good REQUEST, then a chain pointing outside guest memory.
+        let req = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port: 777,
+            dst_port: 1024,
+            type_: TYPE_STREAM,
+            op: op::REQUEST,
+            buf_alloc: 4096,
+            ..Default::default()
+        };
+        mem.write_slice(&req.to_bytes(), GuestAddress(0x10_0000))
+            .unwrap();
+        let tx = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_0000, 44, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x7fff_0000, 44, 0, 0)),
+        ];
+        txq.add_desc_chains(&tx, 0).unwrap();
+        // RX: one buffer for the answer.
+        let rx = [RawDescriptor::from(SplitDescriptor::new(
+            0x20_0000, 4096, W, 0,
+        ))];
+        rxq.add_desc_chains(&rx, 0).unwrap();
+
+        let metrics = Arc::new(VsockMetrics::default());
+        let mut dev = Vsock::new(3, uds.clone(), metrics.clone()).unwrap();
+        let status = Arc::new(AtomicU32::new(0));
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![
+                rxq.create_queue().unwrap(),
+                txq.create_queue().unwrap(),
+                evq.create_queue().unwrap(),
+            ],
+            interrupt: Interrupt::new(status.clone(), Arc::new(EventFd::new(0).unwrap())),
+            acked_features: VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+        let watches = dev.process_tx();
+        assert_eq!(watches.len(), 1, "one host stream to watch");
+        assert_eq!(txq.used().idx().load(), 2, "both TX chains are returned");
+        assert_eq!(metrics.bad_packets.load(Ordering::Relaxed), 1);
+        dev.process_rx();
+        assert_eq!(rxq.used().idx().load(), 1);
+        let mut raw = [0u8; 44];
+        mem.read_slice(&mut raw, GuestAddress(0x20_0000)).unwrap();
+        let resp = Header::parse(&raw).unwrap();
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port, resp.dst_cid),
+            (op::RESPONSE, 1024, 777, 3)
+        );
+        assert_ne!(
+            status.load(Ordering::Relaxed),
+            0,
+            "the guest is interrupted"
+        );
+        let mut cid = [0u8; 8];
+        dev.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 3);
+    }
+}
