@@ -522,39 +522,31 @@ fn file_check(file: &FileFacts) -> Check {
 }
 
 fn socket_group(cfg: &Config, f: &Facts) -> Check {
-    let dir = cfg.run_dir.display();
-    let Some(gid) = f.hearth_gid else {
+    let group = &cfg.api.socket_group;
+    let socket = cfg.api.socket.display();
+    if group.is_empty() {
         return check(
             "socket",
             Status::Warn,
-            format!("no group {SOCKET_GROUP}: only root can use the control socket"),
+            format!("api.socket_group is empty: only root can use the control socket {socket}"),
         )
         .fix(format!(
-            "groupadd --system {SOCKET_GROUP} (cargo xtask install does), then add operators \
-             to it"
+            "set api.socket_group = \"{SOCKET_GROUP}\" and create the group (cargo xtask install \
+             does both), then add operators to it"
         ));
-    };
-    match f.run_dir {
-        Some((g, mode)) if g == gid && mode & 0o2000 != 0 => check(
+    }
+    match f.socket_gid {
+        Some(gid) => check(
             "socket",
             Status::Ok,
-            format!(
-                "{dir} belongs to group {SOCKET_GROUP} and is setgid: the control socket is \
-                 usable by the group's members"
-            ),
+            format!("{socket} will belong to group {group} (gid {gid})"),
         ),
-        _ => check(
+        None => check(
             "socket",
-            Status::Warn,
-            format!(
-                "{dir} is not a setgid directory of group {SOCKET_GROUP}: the control socket \
-                 will be root's only"
-            ),
+            Status::Fail,
+            format!("api.socket_group = {group:?}: no such group, the agent will not start"),
         )
-        .fix(format!(
-            "systemd-tmpfiles --create hearth.conf (installed by cargo xtask install), or \
-             install -d -m 2750 -g {SOCKET_GROUP} {dir}"
-        )),
+        .fix(format!("groupadd --system {group}")),
     }
 }
 
@@ -624,8 +616,7 @@ mod tests {
             io_uring_disabled: Some(0),
             nft: true,
             systemd: Some(Some(257)),
-            hearth_gid: Some(998),
-            run_dir: Some((998, 0o2750)),
+            socket_gid: Some(998),
         }
     }
 
@@ -639,7 +630,9 @@ mod tests {
 
     #[test]
     fn a_good_host_passes_everything() {
-        let checks = evaluate(&Config::default(), &good());
+        let mut cfg = Config::default();
+        cfg.api.socket_group = SOCKET_GROUP.into();
+        let checks = evaluate(&cfg, &good());
         for c in &checks {
             assert!(
                 matches!(c.status, Status::Ok | Status::Skip),
@@ -839,16 +832,16 @@ mod tests {
     }
 
     #[test]
-    fn socket_group_and_directory() {
+    fn socket_group() {
         let mut f = good();
-        let status = |f: &Facts| the(&evaluate(&Config::default(), f), "socket").status;
-        assert_eq!(status(&f), Status::Ok);
-        f.run_dir = Some((998, 0o755));
-        assert_eq!(status(&f), Status::Warn);
-        f.run_dir = None;
-        assert_eq!(status(&f), Status::Warn);
-        f.hearth_gid = None;
-        assert_eq!(status(&f), Status::Warn);
+        let mut cfg = Config::default();
+        let status = |f: &Facts, cfg: &Config| the(&evaluate(cfg, f), "socket").status;
+        // The defaults leave the group empty: root only.
+        assert_eq!(status(&f, &cfg), Status::Warn);
+        cfg.api.socket_group = SOCKET_GROUP.into();
+        assert_eq!(status(&f, &cfg), Status::Ok);
+        f.socket_gid = None;
+        assert_eq!(status(&f, &cfg), Status::Fail);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! [`super::checks`] can judge it as a pure function (and be tested with made-up hosts).
 
 use std::{
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -51,10 +51,8 @@ pub struct Facts {
     pub nft: bool,
     /// systemd is the running service manager (`/run/systemd/system`), and its version.
     pub systemd: Option<Option<u32>>,
-    /// The `hearth` group's id, if the group exists.
-    pub hearth_gid: Option<u32>,
-    /// The run directory (where the control socket goes): owner group and mode, if it exists.
-    pub run_dir: Option<(u32, u32)>,
+    /// The id of the group `api.socket_group` names, if it is set and the group exists.
+    pub socket_gid: Option<u32>,
 }
 
 /// A device node.
@@ -323,13 +321,11 @@ pub fn gather(cfg: &Config) -> Facts {
     let io_uring_disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .ok()
         .and_then(|t| t.trim().parse().ok());
-    let hearth_gid = nix::unistd::Group::from_name(super::SOCKET_GROUP)
-        .ok()
+    let group = &cfg.api.socket_group;
+    let socket_gid = (!group.is_empty())
+        .then(|| nix::unistd::Group::from_name(group).ok().flatten())
         .flatten()
         .map(|g| g.gid.as_raw());
-    let run_dir = std::fs::metadata(&cfg.run_dir)
-        .ok()
-        .map(|m| (m.gid(), m.mode() & 0o7777));
 
     Facts {
         root,
@@ -350,8 +346,7 @@ pub fn gather(cfg: &Config) -> Facts {
         io_uring_disabled,
         nft: on_path("nft"),
         systemd: systemd(),
-        hearth_gid,
-        run_dir,
+        socket_gid,
     }
 }
 
