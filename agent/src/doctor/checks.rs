@@ -818,8 +818,10 @@ mod tests {
         f.tcx = Some(Err("x".into()));
         f.bpffs = Some(false);
         f.nft = false;
-        let mut cfg = Config::default();
-        cfg.networking = false;
+        let cfg = Config {
+            networking: false,
+            ..Config::default()
+        };
         let v = evaluate(&cfg, &f);
         for name in ["btf", "tcx", "bpffs", "nftables", "tun"] {
             assert_eq!(the(&v, name).status, Status::Skip, "{name}");
