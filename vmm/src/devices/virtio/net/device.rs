@@ -233,3 +233,170 @@ impl VirtioDevice for Net {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        process::Command,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::{
+        desc::{RawDescriptor, split::Descriptor as SplitDescriptor},
+        mock::MockSplitQueue,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    /// A packet socket on `ifname` in the calling thread's network namespace.
+    fn packet_socket(ifname: &str) -> OwnedFd {
+        let proto = 0x88b5u16.to_be();
+        // SAFETY: creates a socket; owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a zeroed sockaddr_ll is valid; we fill family, protocol, index.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        // SAFETY: reads a NUL-terminated name.
+        addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
+        // SAFETY: binds our socket to an address of the right size.
+        let rc = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        sock
+    }
+
+    /// TX and RX through a real TAP in a network namespace private to the test thread.
+    #[test]
+    fn frames_cross_a_tap_through_mock_queues() {
+        hearth_testkit::require!(
+            hearth_testkit::skip::root(),
+            hearth_testkit::skip::program("ip")
+        );
+        std::thread::spawn(|| {
+            // SAFETY: moves only this thread into a fresh network namespace; it never returns
+            // to the test harness's pool.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            // No IPv6 chatter (router solicitations, MLD) on the TAP: only our frames cross it.
+            for conf in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")
+                    .unwrap();
+            }
+            // Children of this thread start in its namespace.
+            for args in [
+                &["tuntap", "add", "dev", "hvmut0", "mode", "tap"][..],
+                &["link", "set", "hvmut0", "up"],
+            ] {
+                assert!(Command::new("ip").args(args).status().unwrap().success());
+            }
+            let sock = packet_socket("hvmut0");
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+            let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+            let cfg = NetConfig {
+                tap: "hvmut0".into(),
+                mac: Some("06:00:00:00:00:07".into()),
+            };
+            let metrics = Arc::new(NetMetrics::default());
+            let mut net = Net::new(&cfg, metrics.clone()).unwrap();
+            let mut mac = [0u8; 6];
+            net.read_config(0, &mut mac);
+            assert_eq!(mac, [6, 0, 0, 0, 0, 7]);
+
+            // TX: header and frame in separate descriptors, plus a chain outside memory.
+            let mut frame = [0u8; 60];
+            frame[..6].fill(0xff);
+            frame[6..12].copy_from_slice(&mac);
+            frame[12..14].copy_from_slice(&[0x88, 0xb5]);
+            frame[14..21].copy_from_slice(b"unit-tx");
+            mem.write_slice(&frame, GuestAddress(0x10_1000)).unwrap();
+            let tx = [
+                RawDescriptor::from(SplitDescriptor::new(0x10_0000, NET_HDR_LEN as u32, 1, 1)),
+                RawDescriptor::from(SplitDescriptor::new(0x10_1000, 60, 0, 0)),
+                RawDescriptor::from(SplitDescriptor::new(0x7fff_0000, 100, 0, 0)),
+            ];
+            txq.add_desc_chains(&tx, 0).unwrap();
+            let rx = [RawDescriptor::from(SplitDescriptor::new(
+                0x20_0000, 2048, W, 0,
+            ))];
+            rxq.add_desc_chains(&rx, 0).unwrap();
+            net.activate(Activation {
+                mem: mem.clone(),
+                queues: vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()],
+                interrupt: Interrupt::new(
+                    Arc::new(AtomicU32::new(0)),
+                    Arc::new(EventFd::new(0).unwrap()),
+                ),
+                acked_features: VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC,
+            })
+            .unwrap();
+            net.process_tx();
+            assert_eq!(txq.used().idx().load(), 2);
+            assert_eq!(metrics.tx_frames.load(Ordering::Relaxed), 1);
+            assert_eq!(metrics.dropped.load(Ordering::Relaxed), 1);
+            let mut buf = [0u8; 2048];
+            let got = loop {
+                // SAFETY: receives into our buffer.
+                let n =
+                    unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                assert!(n > 0);
+                if buf[12..14] == [0x88, 0xb5] {
+                    break buf[..n as usize].to_vec();
+                }
+            };
+            assert_eq!(&got[14..21], b"unit-tx");
+
+            // RX: a frame sent on the TAP's interface lands in the guest buffer after a header.
+            let mut reply = [0u8; 60];
+            reply[..6].copy_from_slice(&mac);
+            reply[12..14].copy_from_slice(&[0x88, 0xb5]);
+            reply[14..21].copy_from_slice(b"unit-rx");
+            // SAFETY: sends our buffer.
+            let n = unsafe { libc::send(sock.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
+            assert_eq!(n, 60);
+            let mut pfd = libc::pollfd {
+                fd: net.tap.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one descriptor we own.
+            assert_eq!(
+                unsafe { libc::poll(&mut pfd, 1, 10_000) },
+                1,
+                "the TAP got no frame"
+            );
+            net.tap_readable = true;
+            net.process_rx();
+            let used = rxq.used().idx().load();
+            assert!(
+                used >= 1,
+                "dropped {}",
+                metrics.dropped.load(Ordering::Relaxed)
+            );
+            let found = (0..used).any(|i| {
+                let e = rxq.used().ring().ref_at(i as usize).unwrap().load();
+                let base = 0x20_0000 + u64::from(e.id()) * 0x1000 + NET_HDR_LEN as u64;
+                let mut got = [0u8; 7];
+                mem.read_slice(&mut got, GuestAddress(base + 14)).unwrap();
+                e.len() as usize == NET_HDR_LEN + 60 && &got == b"unit-rx"
+            });
+            assert!(found, "the host's frame is not in the guest's buffers");
+        })
+        .join()
+        .unwrap();
+    }
+}
