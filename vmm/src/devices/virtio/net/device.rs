@@ -374,11 +374,8 @@ mod tests {
                 revents: 0,
             };
             // SAFETY: polls one descriptor we own.
-            assert_eq!(
-                unsafe { libc::poll(&mut pfd, 1, 10_000) },
-                1,
-                "the TAP got no frame"
-            );
+            let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            assert_eq!(ready, 1, "the TAP got no frame");
             net.tap_readable = true;
             net.process_rx();
             let used = rxq.used().idx().load();
