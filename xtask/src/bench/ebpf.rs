@@ -159,9 +159,10 @@ impl Lab {
         output(&mut self.tool("counters"))
     }
 
-    /// iperf3 from the instance to the host (`reverse`: host to instance), in Gbit/s. Retries
-    /// while the server is starting or busy.
-    fn iperf(&self, seconds: u32, reverse: bool) -> anyhow::Result<f64> {
+    /// iperf3 from the instance to the host (`reverse`: host to instance): Gbit/s, and the
+    /// CPU time both iperf3 processes used per Gbit (core-seconds; the veth transfer and the
+    /// programs run in their contexts). Retries while the server is starting or busy.
+    fn iperf(&self, seconds: u32, reverse: bool) -> anyhow::Result<(f64, f64)> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let mut cmd = self.inst.command("iperf3");
@@ -177,12 +178,17 @@ impl Lab {
                 if let Some(e) = v["error"].as_str() {
                     bail!("iperf3: {e}");
                 }
-                v["end"]["sum_received"]["bits_per_second"]
+                let bps = v["end"]["sum_received"]["bits_per_second"]
                     .as_f64()
-                    .with_context(|| format!("No throughput in iperf3 output: {out}"))
+                    .with_context(|| format!("No throughput in iperf3 output: {out}"))?;
+                let cpu = &v["end"]["cpu_utilization_percent"];
+                let cores = (cpu["host_total"].as_f64().unwrap_or(f64::NAN)
+                    + cpu["remote_total"].as_f64().unwrap_or(f64::NAN))
+                    / 100.0;
+                Ok((bps / 1e9, cores / (bps / 1e9)))
             });
             match result {
-                Ok(bps) => return Ok(bps / 1e9),
+                Ok(r) => return Ok(r),
                 Err(e) if Instant::now() < deadline => {
                     note(&format!("iperf3 not ready, retrying: {e:#}"));
                     std::thread::sleep(Duration::from_millis(300));
@@ -235,6 +241,8 @@ fn percentile(out: &str, which: &str) -> Option<f64> {
 struct Side {
     forward: Vec<f64>,
     reverse: Vec<f64>,
+    forward_cpu: Vec<f64>,
+    reverse_cpu: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
 }
@@ -283,13 +291,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 let tag = if filtered { "with" } else { "without" };
                 match metric {
                     0 => {
-                        let v = lab.iperf(args.seconds, false)?;
+                        let (v, cpu) = lab.iperf(args.seconds, false)?;
                         side.forward.push(v);
+                        side.forward_cpu.push(cpu);
                         line.push(format!("out {tag} {v:.2}"));
                     }
                     1 => {
-                        let v = lab.iperf(args.seconds, true)?;
+                        let (v, cpu) = lab.iperf(args.seconds, true)?;
                         side.reverse.push(v);
+                        side.reverse_cpu.push(cpu);
                         line.push(format!("in {tag} {v:.2}"));
                     }
                     _ => {
@@ -348,6 +358,13 @@ fn report(
         (1.0 - b / a) * 100.0
     });
     let added = paired(&without.p50, &with.p50, |a, b| b - a);
+    // CPU spent per Gbit: less sensitive to other load than throughput is.
+    let cpu_out = paired(&without.forward_cpu, &with.forward_cpu, |a, b| {
+        (b / a - 1.0) * 100.0
+    });
+    let cpu_in = paired(&without.reverse_cpu, &with.reverse_cpu, |a, b| {
+        (b / a - 1.0) * 100.0
+    });
     let met = loss < MAX_LOSS_PCT && loss_rev < MAX_LOSS_PCT && added < MAX_ADDED_US;
     if args.json {
         let v = serde_json::json!({
@@ -365,6 +382,10 @@ fn report(
             "latency_p99_without_us": qw,
             "latency_p99_with_us": qf,
             "added_latency_us": added,
+            "cpu_per_gbit_overhead_pct": cpu_out,
+            "reverse_cpu_per_gbit_overhead_pct": cpu_in,
+            "cpu_core_seconds_per_gbit_without": median(&without.forward_cpu),
+            "cpu_core_seconds_per_gbit_with": median(&with.forward_cpu),
             "program_ns_per_packet": {
                 "egress_known_flow": cost_out,
                 "ingress_reply": cost_in,
@@ -404,6 +425,21 @@ fn report(
         "latency p99, one way (µs)",
         qf / qw
     );
+    println!(
+        "{:<36} {:>10.4} {:>10.4} {:>14.3}",
+        "CPU per Gbit out (core-seconds)",
+        median(&without.forward_cpu),
+        median(&with.forward_cpu),
+        median(&with.forward_cpu) / median(&without.forward_cpu)
+    );
+    println!(
+        "{:<36} {:>10.4} {:>10.4} {:>14.3}",
+        "CPU per Gbit in (core-seconds)",
+        median(&without.reverse_cpu),
+        median(&with.reverse_cpu),
+        median(&with.reverse_cpu) / median(&without.reverse_cpu)
+    );
+    println!("paired medians: CPU per Gbit {cpu_out:+.1} % out, {cpu_in:+.1} % in with the filter");
     println!(
         "program cost per packet (BPF_PROG_TEST_RUN): {cost_out:.0} ns egress on a known flow, {cost_in:.0} ns ingress reply, {cost_policy:.0} ns egress through the whole policy"
     );
