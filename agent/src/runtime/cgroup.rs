@@ -10,8 +10,8 @@
 //! `DelegateSubgroup=agent`, see `docs/install.md`) takes the leaf's parent as its own cgroup:
 //! that is the leaf it would have moved itself into.
 //!
-//! The kernel interface is behind [`CgroupFs`] so the layout and limit logic is unit-testable
-//! against a temp directory.
+//! Everything works on paths under a root given to [`Layout::detect`], so the layout and limit
+//! logic is unit-tested against a temp directory.
 
 use std::{
     io,
