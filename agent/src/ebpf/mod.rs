@@ -56,6 +56,8 @@
 //! ```
 //!
 //! Rules of the road:
+//! - Needs Linux 6.6 or later (TCX links), CAP_BPF + CAP_NET_ADMIN, and bpffs
+//!   ([`PinRoot::mounting`] mounts it when the host has not).
 //! - Attach in the network namespace of the interface (the calling thread's).
 //! - `Filter` is `Send`; an update takes `&mut self`, so one owner at a time per instance.
 //! - Attach before the instance starts sending: until then nothing filters its interface.
@@ -66,6 +68,10 @@
 //!   then given the real one with [`Filter::update_policy`] and attached when assigned. Policy
 //!   updates take well under a millisecond.
 //! - Dropping a [`Filter`] does not detach: enforcement survives the agent process.
+//! - Keep the interface's GSO/GRO limits at the default 64 KiB: BIG TCP packets (IPv4 total
+//!   length 0, IPv6 jumbo headers) are dropped as malformed / IP options.
+//! - Pinned state of another [`LAYOUT_VERSION`](hearth_ebpf_common::LAYOUT_VERSION) cannot
+//!   be adopted (an agent upgrade that changes the map layouts has to remove and re-attach).
 //!
 //! # Layout
 //!
