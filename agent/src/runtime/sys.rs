@@ -103,7 +103,7 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
 pub struct NamespacedCommand {
     /// Program path.
     pub program: CString,
-    /// argv, including argv[0].
+    /// argv, including `argv[0]`.
     pub args: Vec<CString>,
     /// The whole environment, `KEY=VALUE`.
     pub env: Vec<CString>,
