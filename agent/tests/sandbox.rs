@@ -1116,3 +1116,87 @@ async fn shutdown_stops_instances_when_configured() {
     assert_eq!(cause, Some(pb::StopCause::Shutdown as i32));
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_type_limits_are_enforced() {
+    hearth_testkit::require!(hearth_testkit::skip::root());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let agent = TestAgent::start(&env).await;
+    let mut c = agent.client.clone();
+    let spec = pb::InstanceSpec {
+        instance_type: Some(pb::InstanceType {
+            vcpus: 2,
+            memory_mib: 96,
+            disk_mib: 16,
+        }),
+        ..sh_spec(&img.busybox, "while :; do sleep 1; done")
+    };
+    c.create_instance(pb::CreateInstanceRequest {
+        id: "limited".into(),
+        spec: Some(spec),
+    })
+    .await
+    .unwrap();
+    c.start_instance(pb::StartInstanceRequest {
+        id: "limited".into(),
+    })
+    .await
+    .unwrap();
+    wait_state(&mut c, "limited", &[pb::InstanceState::Healthy], LONG).await;
+    // Memory, CPU and pids in the instance's cgroup.
+    let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
+    let cg = layout.instance("limited");
+    let read = |ctrl: &str, file: &str| {
+        let dir = &cg
+            .dirs
+            .iter()
+            .find(|(c, _)| c == ctrl || c.is_empty())
+            .unwrap()
+            .1;
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    if cg.version == hearth_agent::runtime::cgroup::Version::V1 {
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes"),
+            (96u64 << 20).to_string()
+        );
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "200000");
+    } else {
+        assert_eq!(read("", "memory.max"), (96u64 << 20).to_string());
+        assert_eq!(read("", "cpu.max"), "200000 100000");
+    }
+    assert_eq!(read("pids", "pids.max"), "4096");
+    // The disk: the writable layer holds 16 MiB, no more.
+    let r = c
+        .exec(pb::ExecRequest {
+            id: "limited".into(),
+            argv: [
+                "/bin/busybox",
+                "dd",
+                "if=/dev/zero",
+                "of=/fill",
+                "bs=1M",
+                "count=64",
+            ]
+            .map(String::from)
+            .to_vec(),
+            timeout_millis: 60_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.exit_code, 0);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("No space left"), "{err}");
+    c.destroy_instance(pb::DestroyInstanceRequest {
+        id: "limited".into(),
+    })
+    .await
+    .unwrap();
+    agent.shutdown().await;
+}
