@@ -65,7 +65,7 @@ impl Env {
         cfg.cgroup.parent = unique("hearth-test");
         cfg.images.insecure_registries = vec![registry.host()];
         cfg.lifecycle.kill_margin = Duration::from_secs(2);
-        cfg.lifecycle.init_connect_timeout = Duration::from_secs(60);
+        cfg.lifecycle.init_connect_timeout = Duration::from_secs(180);
         // A network of its own: subnet, bridge, interface names, NAT table, bpffs dir.
         let u = (std::process::id() % 10_000) * 10 + COUNTER.fetch_add(1, Ordering::Relaxed) % 10;
         cfg.network.subnet = format!("10.{}.{}.0/24", 100 + (u / 256) % 100, u % 256)
