@@ -13,7 +13,7 @@ pub enum ExitReason {
     GuestReset,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault,
-    /// Killed through the control socket or by SIGTERM/SIGINT.
+    /// Killed through the control socket or by SIGTERM/SIGINT/SIGHUP.
     Killed,
     /// The guest could not be run further (emulation failure, failed entry, halt without
     /// interrupts).
@@ -44,7 +44,7 @@ Exit codes:
   1  VMM error: bad configuration or input (one line on stderr), or a failure while running
   2  command-line usage error
   3  the guest triple-faulted
-  4  killed: control-socket `kill`, SIGTERM or SIGINT
+  4  killed: control-socket `kill`, SIGTERM, SIGINT or SIGHUP
   5  guest error: KVM could not run the guest further (emulation failure, failed entry)
   6  a VMM thread made a system call its seccomp filter forbids";
 
