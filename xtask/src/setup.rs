@@ -310,10 +310,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let mut missing = 0;
     for step in steps {
         match step.fix {
-            None => println!("setup: {:<55} already present", step.name),
+            None => eprintln!("setup: {:<55} already present", step.name),
             Some(_) if args.check => {
                 missing += 1;
-                println!("setup: {:<55} MISSING", step.name);
+                eprintln!("setup: {:<55} MISSING", step.name);
             }
             Some(cmds) => {
                 for mut cmd in cmds {
@@ -328,7 +328,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         );
                     }
                 }
-                println!("setup: {:<55} done", step.name);
+                eprintln!("setup: {:<55} done", step.name);
             }
         }
     }
@@ -336,7 +336,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("{missing} setup step(s) missing; run `cargo xtask setup`");
     }
     if !have("bpf-linker") && cargo_bin("bpf-linker").exists() {
-        println!(
+        eprintln!(
             "setup: note: {} is not on PATH; add it so cargo finds bpf-linker",
             cargo_bin("").display()
         );
