@@ -2,7 +2,7 @@
 //!
 //! The plan is worked out first (what is missing); if anything needs root and we are not root,
 //! nothing is installed and the error says so. Each step prints one line: `done` or `already
-//! present`. A failed step names what failed and the command that fixes it.
+//! present` (on stderr, so `--json` output of tasks that call setup stays clean). A failed step names what failed and the command that fixes it.
 
 use std::{path::PathBuf, process::Command};
 
