@@ -18,7 +18,7 @@
 //! - [`console`]: what the console must show, as pure functions over its text.
 
 mod console;
-mod cpio;
+pub(crate) mod cpio;
 
 use std::{
     fs,
