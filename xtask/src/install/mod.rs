@@ -181,9 +181,8 @@ fn check_prefix(prefix: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the release binaries (after setup) and says where they are.
+/// Builds the release binaries and says where they are.
 fn build() -> anyhow::Result<Binaries> {
-    crate::setup::run(&crate::setup::Args { check: false })?;
     let root = util::root();
     util::step(
         "build hearth-agent, hearthctl, hearth-vmm (release)",
@@ -261,6 +260,10 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.bin_dir.is_none() || kernel_bytes.is_none() {
+        // Building needs the toolchains, targets and packages setup installs.
+        crate::setup::run(&crate::setup::Args { check: false })?;
+    }
     let bins = match &args.bin_dir {
         Some(dir) => Binaries {
             agent: dir.join("hearth-agent"),
