@@ -482,6 +482,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     tree.remove_file(&paths.kernel())?;
     tree.remove_file(&paths.initrd())?;
     tree.remove_empty_dir(&paths.guest_dir())?;
+    let mut group_removed = 0;
     if args.purge {
         tree.remove_tree(&paths.config_dir())?;
         tree.remove_tree(&paths.state_dir())?;
@@ -489,6 +490,7 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
             tree.remove_tree(&paths.run_dir())?;
             if host::remove_group(GROUP)? {
                 println!("  removed   group {GROUP}");
+                group_removed = 1;
             }
         }
         for (key, dir) in configured {
@@ -516,6 +518,6 @@ pub fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
              eBPF pins stay until reboot; docs/install.md says how to remove them now"
         );
     }
-    println!("{}", summary(tree.changes()));
+    println!("{}", summary(tree.changes() + group_removed));
     Ok(())
 }
