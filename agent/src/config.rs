@@ -118,6 +118,22 @@ insecure_registries = []
 pull_on_create = true
 # Disk budget of the cache in bytes (0 = no limit).
 budget_bytes = 0
+
+[pool]
+# Warm pools: instances booted ahead of demand (sandbox or VM up, hearth-init connected and
+# waiting for its spec), per image and instance type. A start whose image digest and instance
+# type match a pool takes a ready member instead of booting; a member serves one instance and
+# is destroyed with it. SetWarmPool (`hearthctl pool set`) changes targets at run time; those
+# are kept in <state_dir>/warm_pools.json and win over the pools below.
+# Memory (MiB, by the members' instance types) all members together may hold; 0 = no pools.
+memory_budget_mib = 2048
+# Members booting at once while the pools refill.
+refill_concurrency = 2
+# An unclaimed member older than this is replaced by a fresh one ("0s": never).
+idle_ttl = "10m"
+# Pools kept from the start: image and size, and vcpus, memory_mib, disk_mib (the [defaults]
+# when left out), e.g. pools = [{ image = "registry.example/web:v1", size = 2 }]
+pools = []
 "#;
 
 /// Why the configuration is unusable.
@@ -216,6 +232,8 @@ pub struct Config {
     pub microvm: MicrovmConfig,
     /// The image cache.
     pub images: ImagesConfig,
+    /// Warm pools.
+    pub pool: PoolConfig,
 }
 
 /// The gRPC API listeners.
@@ -374,6 +392,40 @@ pub struct ImagesConfig {
     pub budget_bytes: u64,
 }
 
+/// Warm pools.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Memory all members together may hold (MiB; 0: no pools).
+    pub memory_budget_mib: u64,
+    /// Members booting at once.
+    pub refill_concurrency: u32,
+    /// Age at which an unclaimed member is replaced (0: never).
+    #[serde(with = "humantime_serde")]
+    pub idle_ttl: Duration,
+    /// Pools kept from the start.
+    pub pools: Vec<PoolEntryConfig>,
+}
+
+/// One pool of the config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntryConfig {
+    /// Image reference.
+    pub image: String,
+    /// Members to keep ready.
+    pub size: u32,
+    /// vCPUs (default: `defaults.vcpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB (default: `defaults.memory_mib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Writable layer in MiB (default: `defaults.disk_mib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+}
+
 impl Default for Config {
     fn default() -> Self {
         toml::from_str(DEFAULTS_TOML).expect("the embedded defaults parse")
@@ -445,6 +497,7 @@ impl Config {
         }
         self.metrics.address()?;
         self.ingress_address()?;
+        crate::pool::validate_config(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 

@@ -40,6 +40,9 @@ pub enum DaemonError {
     /// The node network could not be set up.
     #[error("Cannot set up the node network")]
     Network(#[from] crate::instance::network::NetworkError),
+    /// The warm pools could not be set up.
+    #[error("Cannot set up the warm pools")]
+    Pool(#[from] crate::pool::PoolError),
     /// The ingress proxy could not be set up.
     #[error("Cannot set up the ingress proxy")]
     Ingress(#[from] crate::ingress::IngressError),
@@ -58,6 +61,8 @@ pub struct Node {
     pub name: String,
     /// Hardware virtualization on this host.
     pub virt: Virtualization,
+    /// The warm pools.
+    pub pool: crate::pool::WarmPool,
 }
 
 impl std::fmt::Debug for Node {
@@ -107,7 +112,7 @@ impl Node {
             allocated: Some(allocated),
             instances,
             instances_running: running,
-            warm_pool: Vec::new(),
+            warm_pool: self.pool.node_entries(),
             last_event_seq: self.mgr.events.last_seq()?,
             started_at_unix_nanos: self.mgr.started_at(),
         })
@@ -248,6 +253,8 @@ impl Daemon {
         } else {
             None
         };
+        let pool =
+            crate::pool::WarmPool::new(cfg.clone(), runtime.clone(), net.clone(), images.clone())?;
         let mgr = Manager::new(
             cfg.clone(),
             events,
@@ -258,11 +265,21 @@ impl Daemon {
             sup_token.clone(),
         )?;
         mgr.adopt().await?;
+        // Claimed members of an earlier agent are boots of adopted instances now.
+        let in_use: Vec<String> = mgr
+            .entries()
+            .iter()
+            .filter_map(|e| e.private().runtime)
+            .filter_map(|rt| rt.dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        pool.run(&in_use).await;
+        mgr.set_pool(pool.clone());
         let node = Arc::new(Node {
             name: cfg.node_name(),
             cfg: cfg.clone(),
             mgr,
             virt,
+            pool,
         });
         let api_token = CancellationToken::new();
         let api_tasks = TaskTracker::new();
@@ -325,6 +342,8 @@ impl Daemon {
         {
             tracing::warn!("API calls still running after the drain timeout");
         }
+        // Members wait for workloads this agent would hand out: they do not outlive it.
+        self.node.pool.shutdown().await;
         if cfg.lifecycle.stop_instances_on_shutdown {
             self.node
                 .mgr

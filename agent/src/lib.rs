@@ -20,6 +20,7 @@
 //! - [`net`]: node networking (bridge, addresses, veth/TAP, NAT).
 //! - [`ingress`]: the HTTP ingress proxy.
 //! - [`doctor`]: `hearth-agent doctor`, the preflight check of a host.
+//! - [`pool`]: warm pools: instances booted ahead of demand, claimed by starts.
 
 #![deny(missing_docs)]
 
@@ -38,5 +39,6 @@ pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pool;
 pub mod runtime;
 pub mod store;

@@ -19,7 +19,8 @@ type Series = (
     fn(&model::pb::InstanceMetrics) -> f64,
 );
 
-fn label(v: &str) -> String {
+/// Escapes a Prometheus label value.
+pub(crate) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -150,6 +151,7 @@ pub fn render(node: &Node) -> String {
             let _ = writeln!(out, "{name}{{instance=\"{}\"}} {}", label(&m.id), get(m));
         }
     }
+    node.pool.render_prometheus(&mut out);
     out
 }
 

@@ -68,6 +68,9 @@ pub struct Private {
     /// The network address lease (opaque, owned by the networking module).
     #[serde(default)]
     pub network: Option<serde_json::Value>,
+    /// The current (or last) boot took a warm-pool member.
+    #[serde(default)]
+    pub warm_start: bool,
 }
 
 /// One atomic change.

@@ -265,4 +265,24 @@ impl pb::agent_server::Agent for AgentService {
     ) -> Result<Response<pb::Node>, Status> {
         Ok(Response::new(self.node.info()?))
     }
+
+    async fn set_warm_pool(
+        &self,
+        req: Request<pb::SetWarmPoolRequest>,
+    ) -> Result<Response<pb::WarmPool>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.node
+                .pool
+                .set(&r.image, r.instance_type, r.size)
+                .await?,
+        ))
+    }
+
+    async fn list_warm_pools(
+        &self,
+        _req: Request<pb::ListWarmPoolsRequest>,
+    ) -> Result<Response<pb::ListWarmPoolsResponse>, Status> {
+        Ok(Response::new(self.node.pool.list()))
+    }
 }

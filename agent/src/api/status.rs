@@ -31,6 +31,21 @@ impl From<InstanceError> for Status {
     }
 }
 
+impl From<crate::pool::PoolError> for Status {
+    fn from(e: crate::pool::PoolError) -> Self {
+        use crate::pool::PoolError as P;
+        let code = match &e {
+            P::Invalid(_) => Code::InvalidArgument,
+            P::OverBudget { .. } => Code::FailedPrecondition,
+            P::ImageNotFound(_) => Code::NotFound,
+            P::Image { source, .. } => return image_status(source, chain(&e)),
+            P::Targets(_) => Code::Internal,
+            P::ShuttingDown => Code::Unavailable,
+        };
+        Status::new(code, chain(&e))
+    }
+}
+
 fn image_status(e: &ImageError, message: String) -> Status {
     let code = match e {
         ImageError::NotFound(_) => Code::NotFound,

@@ -190,6 +190,34 @@ enum Cmd {
     },
     /// Show the node.
     Node,
+    /// Warm pools: instances booted ahead of demand.
+    Pool {
+        #[command(subcommand)]
+        cmd: PoolCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Set how many members the pool of an image and instance type keeps ready (0 removes
+    /// the pool).
+    Set {
+        /// Image reference.
+        image: String,
+        /// Members to keep ready.
+        size: u32,
+        /// vCPUs (default: the node's).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB (default: the node's).
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Disk (writable layer) in MiB (default: the node's).
+        #[arg(long)]
+        disk: Option<u64>,
+    },
+    /// List the pools.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -311,7 +339,10 @@ mod json {
         let extra = match &e.kind {
             Some(Kind::Stopped(s)) => json!({"exit": s.exit.as_ref().map(exit)}),
             Some(Kind::Error(er)) => json!({"error": er.error.as_ref().map(error)}),
-            Some(Kind::Started(s)) => json!({"pid": s.pid}),
+            Some(Kind::Started(s)) => json!({
+                "pid": s.pid, "warm": s.warm, "runtime_micros": s.runtime_micros,
+                "init_micros": s.init_micros, "spawned_micros": s.spawned_micros,
+            }),
             Some(Kind::Starting(s)) => json!({"boot": s.boot}),
             Some(Kind::Ready(r)) => json!({"start_to_ready_micros": r.start_to_ready_micros}),
             Some(Kind::Stopping(s)) => json!({"signal": s.signal, "grace_millis": s.grace_millis}),
@@ -356,7 +387,18 @@ mod json {
             "net_tx_bytes": m.net_tx_bytes, "ebpf_packets_allowed": m.ebpf_packets_allowed,
             "ebpf_packets_dropped": m.ebpf_packets_dropped, "runtime_rss_bytes": m.runtime_rss_bytes,
             "log_bytes": m.log_bytes, "logs_dropped": m.logs_dropped,
-            "ingress_requests": m.ingress_requests,
+            "ingress_requests": m.ingress_requests, "warm_start": m.warm_start,
+        })
+    }
+
+    pub fn pool(p: &pb::WarmPool) -> Value {
+        let it = p.instance_type.unwrap_or_default();
+        json!({
+            "image": p.image, "image_digest": p.image_digest,
+            "vcpus": it.vcpus, "memory_mib": it.memory_mib, "disk_mib": it.disk_mib,
+            "target": p.target, "ready": p.ready, "booting": p.booting,
+            "hits": p.hits, "misses": p.misses, "recycled": p.recycled, "failed": p.failed,
+            "last_error": p.last_error, "source": p.source,
         })
     }
 
@@ -370,6 +412,9 @@ mod json {
             "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib, "disk_mib": cap.disk_mib},
             "allocated": {"vcpus": alloc.vcpus, "memory_mib": alloc.memory_mib, "disk_mib": alloc.disk_mib},
             "instances": n.instances, "instances_running": n.instances_running,
+            "warm_pool": n.warm_pool.iter().map(|p| json!({
+                "image": p.image, "target": p.target, "ready": p.ready, "booting": p.booting,
+            })).collect::<Vec<_>>(),
             "last_event_seq": n.last_event_seq, "started_at_unix_nanos": n.started_at_unix_nanos,
         })
     }
@@ -732,6 +777,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?;
                 println!("removed {reference}");
+            }
+        },
+        Cmd::Pool { cmd } => match cmd {
+            PoolCmd::Set {
+                image,
+                size,
+                vcpus,
+                memory,
+                disk,
+            } => {
+                let p = c
+                    .set_warm_pool(pb::SetWarmPoolRequest {
+                        image,
+                        instance_type: Some(pb::InstanceType {
+                            vcpus: vcpus.unwrap_or(0),
+                            memory_mib: memory.unwrap_or(0),
+                            disk_mib: disk.unwrap_or(0),
+                        }),
+                        size,
+                    })
+                    .await?
+                    .into_inner();
+                if json {
+                    println!("{}", json::pool(&p));
+                } else {
+                    println!(
+                        "pool {} ({}): target {}, {} ready",
+                        p.image, p.image_digest, p.target, p.ready
+                    );
+                }
+            }
+            PoolCmd::Ls => {
+                let r = c
+                    .list_warm_pools(pb::ListWarmPoolsRequest {})
+                    .await?
+                    .into_inner();
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "memory_budget_mib": r.memory_budget_mib,
+                            "memory_used_mib": r.memory_used_mib,
+                            "pools": r.pools.iter().map(json::pool).collect::<Vec<_>>(),
+                        })
+                    );
+                } else {
+                    print!("{}", ctl::pools_table(&r));
+                }
             }
         },
         Cmd::Node => {

@@ -158,7 +158,12 @@ pub fn event_line(e: &pb::Event) -> String {
     let detail = match &e.kind {
         Some(Kind::Created(c)) => format!("image {}", c.image_digest),
         Some(Kind::Starting(s)) => format!("boot {}", s.boot),
-        Some(Kind::Started(s)) => format!("pid {}", s.pid),
+        Some(Kind::Started(s)) => format!(
+            "pid {} ({}, spawned {} ms after start)",
+            s.pid,
+            if s.warm { "warm" } else { "cold" },
+            s.spawned_micros / 1000
+        ),
         Some(Kind::Ready(r)) => format!("{} ms after start", r.start_to_ready_micros / 1000),
         Some(Kind::ActivityExpired(a)) => {
             if a.will_stop {
@@ -236,6 +241,47 @@ pub fn images_table(list: &[pb::ImageInfo]) -> String {
     )
 }
 
+/// The `pool ls` table.
+pub fn pools_table(r: &pb::ListWarmPoolsResponse) -> String {
+    let rows: Vec<Vec<String>> = r
+        .pools
+        .iter()
+        .map(|p| {
+            let it = p.instance_type.unwrap_or_default();
+            vec![
+                p.image.clone(),
+                format!("{}/{}M/{}M", it.vcpus, it.memory_mib, it.disk_mib),
+                p.target.to_string(),
+                p.ready.to_string(),
+                p.booting.to_string(),
+                p.hits.to_string(),
+                p.misses.to_string(),
+                p.source.clone(),
+                p.last_error.lines().next().unwrap_or("").to_owned(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "IMAGE",
+            "TYPE (CPU/MEM/DISK)",
+            "TARGET",
+            "READY",
+            "BOOTING",
+            "HITS",
+            "MISSES",
+            "SOURCE",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+    out.push_str(&format!(
+        "memory: {} MiB of {} MiB held by members\n",
+        r.memory_used_mib, r.memory_budget_mib
+    ));
+    out
+}
+
 /// The `node` view.
 pub fn node_detail(n: &pb::Node) -> String {
     let cap = n.capacity.unwrap_or_default();
@@ -245,8 +291,18 @@ pub fn node_detail(n: &pb::Node) -> String {
     } else {
         format!("no ({})", n.virtualization_note)
     };
+    let pools: Vec<String> = n
+        .warm_pool
+        .iter()
+        .map(|p| format!("{} {}/{} ready", p.image, p.ready, p.target))
+        .collect();
+    let pools = if pools.is_empty() {
+        "none".to_owned()
+    } else {
+        pools.join(", ")
+    };
     format!(
-        "name         {}\nversion      {}\nruntime      {}\nhardware virtualization  {}\ncapacity     {} vCPU, {} MiB memory, {} MiB disk\nallocated    {} vCPU, {} MiB memory, {} MiB disk\ninstances    {} ({} running)\nlast event   {}\nstarted      {}\n",
+        "name         {}\nversion      {}\nruntime      {}\nhardware virtualization  {}\ncapacity     {} vCPU, {} MiB memory, {} MiB disk\nallocated    {} vCPU, {} MiB memory, {} MiB disk\ninstances    {} ({} running)\nwarm pools   {}\nlast event   {}\nstarted      {}\n",
         n.name,
         n.agent_version,
         n.runtime,
@@ -259,6 +315,7 @@ pub fn node_detail(n: &pb::Node) -> String {
         alloc.disk_mib,
         n.instances,
         n.instances_running,
+        pools,
         n.last_event_seq,
         time(n.started_at_unix_nanos),
     )

@@ -287,6 +287,7 @@ pub struct Manager {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     started_at: i64,
+    pool: std::sync::OnceLock<crate::pool::WarmPool>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -319,6 +320,7 @@ impl Manager {
         }
         Ok(Arc::new(Self {
             started_at: clock.now(),
+            pool: std::sync::OnceLock::new(),
             cfg,
             clock,
             events,
@@ -344,6 +346,16 @@ impl Manager {
     /// When this agent started (Unix ns).
     pub fn started_at(&self) -> i64 {
         self.started_at
+    }
+
+    /// Gives the manager the node's warm pools (starts claim their members); set once.
+    pub fn set_pool(&self, pool: crate::pool::WarmPool) {
+        let _ = self.pool.set(pool);
+    }
+
+    /// The node's warm pools, once set.
+    pub fn pool(&self) -> Option<&crate::pool::WarmPool> {
+        self.pool.get()
     }
 
     /// The entry of `id`.
@@ -522,11 +534,40 @@ impl Manager {
             }
         }
         let spec = inst.spec.clone().unwrap_or_default();
+        let now = self.clock.now();
         let image = match entry.private().image {
             Some(i) if i.rootfs.exists() => i,
             _ => self.resolve_image(&spec.image).await?,
         };
-        let now = self.clock.now();
+        let it = spec.instance_type.unwrap_or_default();
+        let claimed = match self.pool() {
+            Some(pool) => pool.claim(&image.digest, &it).await,
+            None => None,
+        };
+        if let Some(pool) = self.pool() {
+            pool.count_start(claimed.is_some());
+        }
+        if let Some(claimed) = claimed {
+            return self
+                .start_warm(&entry, &spec, image, claimed, now, inst.boots)
+                .await;
+        }
+        // Every boot gets a fresh address: a connection or ARP entry of an earlier boot must
+        // never reach this one (the first boot's address is fresh from create).
+        let mut address = inst.address.clone();
+        if inst.boots > 0
+            && let Some(net) = &self.net
+        {
+            match net.renew_address(id) {
+                Ok(a) => address = a.to_string(),
+                Err(source) => {
+                    return Err(InstanceError::Network {
+                        id: id.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
         entry.touch(now);
         let inst = entry.commit(&self.events, &self.clock, |i, p| {
             i.state = pb::InstanceState::Starting as i32;
@@ -536,10 +577,12 @@ impl Manager {
             i.started_at_unix_nanos = 0;
             i.stop_deadline_unix_nanos = 0;
             i.activity_deadline_unix_nanos = 0;
+            i.address = address.clone();
             p.image = Some(image.clone());
             p.boot_id.clear();
             p.log_seq = 0;
             p.start_requested_at = now;
+            p.warm_start = false;
             vec![pb::event::Kind::Starting(pb::event::Starting {
                 boot: i.boots,
             })]
@@ -550,7 +593,6 @@ impl Manager {
             now,
             &format!("starting boot {boot} from {}", image.reference),
         );
-        let it = spec.instance_type.unwrap_or_default();
         // Listen before launching: init dials as soon as it runs.
         let socket = self.runtime.control_socket(id);
         let listener = match bind_control_socket(&socket) {
@@ -592,6 +634,7 @@ impl Manager {
             instance_type: &it,
             tap,
             mac,
+            warm: false,
         };
         let rt_state = match self.runtime.launch(&req) {
             Ok(s) => s,
@@ -654,6 +697,104 @@ impl Manager {
         Ok(inst)
     }
 
+    /// Starts a boot on a claimed warm-pool member: the member's address and interface pass
+    /// to the instance with its policy, one commit records the boot with the member's runtime,
+    /// and the supervisor hands init the spec (`assign`) on the member's live connection.
+    async fn start_warm(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        spec: &pb::InstanceSpec,
+        image: ResolvedImage,
+        claimed: crate::pool::Claimed,
+        now: i64,
+        boots: u32,
+    ) -> Result<pb::Instance, InstanceError> {
+        let id = entry.id.as_str();
+        let boot = boots + 1;
+        let port = spec::http_port(spec, Some(&image), self.cfg.defaults.default_port);
+        let member = claimed.name.clone();
+        let mut network = None;
+        let mut address = entry.instance().address;
+        if let Some(net) = &self.net {
+            match net.claim_member(&member, id, spec, port).await {
+                Ok(n) => {
+                    address = n
+                        .addresses
+                        .first()
+                        .and_then(|a| a.split('/').next())
+                        .unwrap_or_default()
+                        .to_owned();
+                    network = Some(n);
+                }
+                Err(source) => {
+                    if let Some(pool) = self.pool() {
+                        pool.discard(claimed).await;
+                    }
+                    let e = InstanceError::Network {
+                        id: id.to_owned(),
+                        source,
+                    };
+                    return self.fail_start(entry, e);
+                }
+            }
+        }
+        let parts = claimed.into_parts();
+        let boot_id = parts.conn.hello().boot_id.clone();
+        entry.touch(now);
+        let committed = entry.commit(&self.events, &self.clock, |i, p| {
+            i.state = pb::InstanceState::Starting as i32;
+            i.boots = boot;
+            i.exit = None;
+            i.error = None;
+            i.started_at_unix_nanos = 0;
+            i.stop_deadline_unix_nanos = 0;
+            i.activity_deadline_unix_nanos = 0;
+            i.address = address.clone();
+            p.image = Some(image.clone());
+            p.boot_id = boot_id.clone();
+            p.log_seq = 0;
+            p.start_requested_at = now;
+            p.runtime = Some(parts.rt.clone());
+            p.warm_start = true;
+            vec![pb::event::Kind::Starting(pb::event::Starting { boot })]
+        });
+        let inst = match committed {
+            Ok(i) => i,
+            Err(e) => {
+                // Nothing refers to the member: it goes.
+                self.runtime.kill(&parts.rt);
+                parts.process.kill();
+                parts.process.wait().await;
+                let _ = self.runtime.cleanup(&parts.rt);
+                if let Some(net) = &self.net {
+                    net.detach(id).await;
+                }
+                return Err(e.into());
+            }
+        };
+        entry.logs.system(
+            boot,
+            now,
+            &format!(
+                "starting boot {boot} from {} on warm-pool member {member}",
+                image.reference
+            ),
+        );
+        tracing::debug!(id, %member, "claimed a warm-pool member");
+        let it = spec.instance_type.unwrap_or_default();
+        let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);
+        let init_spec = spec::init_spec(id, spec, &image, root, network);
+        self.spawn_supervisor_with(
+            entry,
+            parts.listener,
+            parts.process,
+            parts.rt,
+            Some(init_spec),
+            Some(parts.conn),
+        );
+        Ok(inst)
+    }
+
     fn runtime_error(&self, id: &str, source: RuntimeError) -> InstanceError {
         InstanceError::Runtime {
             id: id.to_owned(),
@@ -693,6 +834,18 @@ impl Manager {
         rt: crate::runtime::RuntimeState,
         init_spec: Option<init::InstanceSpec>,
     ) {
+        self.spawn_supervisor_with(entry, listener, process, rt, init_spec, None);
+    }
+
+    fn spawn_supervisor_with(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        listener: tokio::net::UnixListener,
+        process: Process,
+        rt: crate::runtime::RuntimeState,
+        init_spec: Option<init::InstanceSpec>,
+        member_conn: Option<crate::pool::member::MemberConn>,
+    ) {
         let (tx, rx) = mpsc::channel(16);
         *entry.sup.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         let sup = Supervisor::new(
@@ -704,7 +857,8 @@ impl Manager {
             init_spec,
             rx,
             self.shutdown.clone(),
-        );
+        )
+        .with_member_conn(member_conn);
         self.tracker.spawn(sup.run());
     }
 
@@ -900,6 +1054,7 @@ impl Manager {
             log_bytes: entry.logs.bytes(),
             logs_dropped: entry.logs.dropped(),
             ingress_requests: entry.ingress_requests.load(Ordering::Relaxed),
+            warm_start: entry.private().warm_start,
             ..Default::default()
         };
         if let Some(im) = entry.init_metrics() {

@@ -217,6 +217,73 @@ impl NodeNet {
         r
     }
 
+    /// Warm-pool member of the sandbox: an address of its own and a veth into the network
+    /// namespace of `pid`, without NAT or eBPF (the member runs no workload; its instance's
+    /// policy is attached at the claim, [`NodeNet::claim_member`]).
+    pub async fn attach_member_veth(&self, member: &str, pid: i32) -> Result<(), NetworkError> {
+        let inst = self.allocate_net(member)?;
+        self.net
+            .attach_veth(&inst, NetnsRef::Pid(pid as u32))
+            .await?;
+        Ok(())
+    }
+
+    /// Warm-pool member of the microvm: an address of its own and its TAP (for hearth-vmm to
+    /// open), without NAT or eBPF; returns the TAP name and the guest MAC.
+    pub async fn attach_member_tap(&self, member: &str) -> Result<(String, String), NetworkError> {
+        let inst = self.allocate_net(member)?;
+        self.net.attach_tap(&inst).await?;
+        Ok((inst.host_ifname.clone(), inst.mac.to_string()))
+    }
+
+    fn allocate_net(&self, id: &str) -> Result<InstanceNet, NetworkError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(pool.allocate(id)?)
+    }
+
+    /// A warm-pool member becomes instance `id`: the member's address (and so its interface
+    /// and MAC) passes to the instance, whose previous address is released (each boot gets a
+    /// fresh address); the interface is relabelled, NAT and the eBPF programs follow the
+    /// instance's policy. Returns what hearth-init configures.
+    pub async fn claim_member(
+        &self,
+        member: &str,
+        id: &str,
+        spec: &pb::InstanceSpec,
+        port: u32,
+    ) -> Result<init::Network, NetworkError> {
+        let inst = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let m = pool
+                .get(member)
+                .ok_or_else(|| NetworkError::NoAddress(member.to_owned()))?;
+            pool.release(member);
+            pool.release(id);
+            pool.insert(id, m.address)?
+        };
+        let internet = spec.egress.as_ref().is_some_and(|e| e.internet);
+        let r = async {
+            self.net.hand_over(&inst, internet).await?;
+            self.attach_filter(&inst, spec, port)
+        }
+        .await;
+        if r.is_err() {
+            let _ = self.net.detach(&inst).await;
+        }
+        r?;
+        Ok(inst.init_network())
+    }
+
+    /// Gives instance `id` a fresh address for its next boot (next fit: not the one it had),
+    /// so no connection or ARP entry of an earlier boot reaches the new one.
+    pub fn renew_address(&self, id: &str) -> Result<Ipv4Addr, NetworkError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = pool.allocate(&format!("{id}.next"))?.address;
+        pool.release(&format!("{id}.next"));
+        pool.release(id);
+        Ok(pool.insert(id, fresh)?.address)
+    }
+
     /// After a restart: the interface and the pinned eBPF programs of a running instance.
     pub async fn adopt(&self, id: &str, spec: &pb::InstanceSpec) -> Result<(), NetworkError> {
         let inst = self.instance(id)?;
@@ -251,6 +318,28 @@ impl NodeNet {
             && let Err(e) = self.net.detach(&inst).await
         {
             tracing::warn!(id, error = %e, "cannot remove the instance's interface");
+        }
+    }
+
+    /// Removes the interfaces of warm-pool members left by an earlier agent (their alias
+    /// satisfies `is_member`); a sandbox member's veth went with its namespace, a TAP stays.
+    pub async fn remove_orphans(&self, is_member: impl Fn(&str) -> bool) {
+        let found = match self.net.discover().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the instance interfaces");
+                return;
+            }
+        };
+        for d in found {
+            let Some(id) = d.id.as_deref().filter(|id| is_member(id)) else {
+                continue;
+            };
+            if let Ok(inst) = InstanceNet::new(&self.plan, id, d.address)
+                && let Err(e) = self.net.detach(&inst).await
+            {
+                tracing::warn!(ifname = %d.ifname, error = %e, "cannot remove a member's interface");
+            }
         }
     }
 

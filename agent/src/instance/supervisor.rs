@@ -103,6 +103,13 @@ pub struct Supervisor {
     expired_at: Option<i64>,
     stored_activity_deadline: i64,
     boot: u32,
+    /// A claimed warm-pool member's connection, welcomed without a spec: `run` assigns the
+    /// spec on it first.
+    member_conn: Option<Conn>,
+    /// When the runtime was up (this supervisor was made) and when init got the spec (Unix
+    /// ns), for the `started` event's breakdown.
+    runtime_at: i64,
+    spec_at: i64,
 }
 
 impl Supervisor {
@@ -162,7 +169,16 @@ impl Supervisor {
             next_exec: 1,
             deadlines,
             expired_at: None,
+            member_conn: None,
+            runtime_at: now,
+            spec_at: 0,
         }
+    }
+
+    /// Makes this the boot of a claimed warm-pool member whose init is connected on `conn`.
+    pub(super) fn with_member_conn(mut self, conn: Option<Conn>) -> Self {
+        self.member_conn = conn;
+        self
     }
 
     fn id(&self) -> &str {
@@ -174,6 +190,9 @@ impl Supervisor {
         let (conn_tx, mut conn_rx) = mpsc::channel::<Conn>(4);
         let listener = self.listener.take().expect("listener present at start");
         let accept = tokio::spawn(accept_loop(listener, conn_tx, self.id().to_owned()));
+        if let Some(conn) = self.member_conn.take() {
+            self.on_member(conn).await;
+        }
         let info = loop {
             self.update_activity_deadline();
             let next = self.deadlines.next();
@@ -405,11 +424,22 @@ impl Supervisor {
                 p.boot_id = boot_id;
                 vec![]
             });
-            if let Err(e) = conn.welcome(Some(spec), 0).await {
+            // A warm-pool member whose assign was lost dials again without an instance id:
+            // it is welcomed without a spec and assigned one, as at the claim.
+            let sent = if hello.instance_id.is_empty() {
+                match conn.welcome(None, 0).await {
+                    Ok(()) => conn.send(H::Assign(spec)).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                conn.welcome(Some(spec), 0).await
+            };
+            if let Err(e) = sent {
                 // Init gave up waiting (a busy node); it dials again.
                 tracing::info!(id = %self.entry.id, error = %e, "cannot welcome hearth-init");
                 return;
             }
+            self.spec_at = self.mgr.clock.now();
         } else {
             if !private.boot_id.is_empty() && hello.boot_id != private.boot_id {
                 let _ = conn
@@ -449,6 +479,32 @@ impl Supervisor {
         }
     }
 
+    /// The claimed member's init is connected and welcomed: its spec goes with `assign`. If
+    /// that fails, init dials again without an instance id and [`Self::on_conn`] assigns.
+    async fn on_member(&mut self, mut conn: Conn) {
+        let Some(spec) = self.spec.clone() else {
+            return;
+        };
+        if let Err(e) = conn.send(H::Assign(spec)).await {
+            tracing::info!(id = %self.entry.id, error = %e, "cannot assign the spec to the warm-pool member; it dials again");
+            return;
+        }
+        self.spec_at = self.mgr.clock.now();
+        let hello = conn.hello().clone();
+        tracing::info!(id = %self.entry.id, "spec assigned to a warm-pool member");
+        self.entry.logs.system(
+            self.boot,
+            self.spec_at,
+            &format!(
+                "hearth-init {} of a warm-pool member got the spec (protocol {})",
+                hello.init_version, hello.protocol_version
+            ),
+        );
+        self.conn = Some(conn);
+        self.connected_once = true;
+        self.deadlines.connect = None;
+    }
+
     async fn on_frame(&mut self, msg: Result<Option<G>, ChannelError>) {
         let msg = match msg {
             Ok(Some(m)) => m,
@@ -472,12 +528,26 @@ impl Supervisor {
             G::Started(s) => {
                 self.started = true;
                 self.entry.touch(now);
-                self.commit(|i, _| {
+                let (runtime_at, spec_at) = (self.runtime_at, self.spec_at);
+                self.commit(|i, p| {
                     if i.state == pb::InstanceState::Starting as i32 {
                         i.state = pb::InstanceState::Running as i32;
                     }
                     i.started_at_unix_nanos = now;
-                    vec![pb::event::Kind::Started(pb::event::Started { pid: s.pid })]
+                    let since = |at: i64| {
+                        if at == 0 || p.start_requested_at == 0 {
+                            0
+                        } else {
+                            ((at - p.start_requested_at).max(0) / 1000) as u64
+                        }
+                    };
+                    vec![pb::event::Kind::Started(pb::event::Started {
+                        pid: s.pid,
+                        warm: p.warm_start,
+                        runtime_micros: since(runtime_at),
+                        init_micros: since(spec_at),
+                        spawned_micros: since(now),
+                    })]
                 });
             }
             G::Ready(_) => {

@@ -371,6 +371,29 @@ impl<O: NetOps> Network<O> {
         Ok(Adoption::Adopted(kind))
     }
 
+    /// A warm-pool member's interface passes to an instance (the member's address became the
+    /// instance's): labels it with the instance id and sets NAT as `internet` says.
+    pub async fn hand_over(&self, inst: &InstanceNet, internet: bool) -> Result<(), NetError> {
+        let link = self
+            .ops
+            .link(&inst.host_ifname)
+            .await?
+            .ok_or_else(|| NetError::Vanished(inst.host_ifname.clone()))?;
+        let bridge = self.bridge_index().await?;
+        self.ops
+            .set_link(
+                link.index,
+                &LinkSettings {
+                    controller: Some(bridge),
+                    alias: Some(&inst.id),
+                    mtu: None,
+                    up: true,
+                },
+            )
+            .await?;
+        self.set_internet(inst, internet).await
+    }
+
     /// The instance interfaces on the node (names `<prefix><index>` of kind veth or tun), with
     /// the id each is labelled with: rebuilds a lost [`PoolState`] and finds orphans.
     pub async fn discover(&self) -> Result<Vec<Discovered>, NetError> {

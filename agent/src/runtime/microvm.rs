@@ -143,7 +143,11 @@ impl Runtime for Microvm {
         f.set_len(req.instance_type.disk_mib << 20)
             .map_err(io(&scratch))?;
         drop(f);
-        let logs = self.state_dir.join("instances").join(req.id);
+        let logs = if req.warm {
+            dir.clone()
+        } else {
+            self.state_dir.join("instances").join(req.id)
+        };
         std::fs::create_dir_all(&logs).map_err(io(&logs))?;
         let out_path = logs.join("runtime.log");
         let out = OpenOptions::new()
@@ -154,10 +158,11 @@ impl Runtime for Microvm {
         let control = dir.join("ctl.sock");
         let vsock = self.vsock_socket(req.id);
         remove_if_exists(&vsock);
-        let mut cmdline = format!(
-            "console=ttyS0 reboot=k panic=1 pci=off hearth.instance={}",
-            req.id
-        );
+        let mut cmdline = "console=ttyS0 reboot=k panic=1 pci=off".to_owned();
+        // A warm-pool member says Hello without an instance id and waits for `assign`.
+        if !req.warm {
+            cmdline.push_str(&format!(" hearth.instance={}", req.id));
+        }
         if !self.cfg.kernel_cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&self.cfg.kernel_cmdline);

@@ -79,6 +79,10 @@ pub struct LaunchRequest<'a> {
     pub tap: Option<String>,
     /// MAC address of the guest's interface, if any.
     pub mac: Option<String>,
+    /// A warm-pool member (`id` is the member's name): hearth-init starts without an instance
+    /// id and waits for `assign`; the runtime's own log goes into the boot's run directory,
+    /// which goes away with the member.
+    pub warm: bool,
 }
 
 /// What the agent stores to find an instance's processes again.

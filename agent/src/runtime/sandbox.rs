@@ -102,7 +102,11 @@ impl Runtime for Sandbox {
             vcpus: req.instance_type.vcpus,
             pids: PIDS_MAX,
         })?;
-        let log_dir = self.state_dir.join("instances").join(req.id);
+        let log_dir = if req.warm {
+            dir.clone()
+        } else {
+            self.state_dir.join("instances").join(req.id)
+        };
         std::fs::create_dir_all(&log_dir).map_err(|source| RuntimeError::Io {
             path: log_dir.clone(),
             source,
@@ -119,13 +123,14 @@ impl Runtime for Sandbox {
         let socket = self.control_socket(req.id);
         let mut sock_arg = b"hearth.socket=".to_vec();
         sock_arg.extend_from_slice(socket.as_os_str().as_bytes());
+        let mut args = vec![cstr(b"hearth-init"), cstr(&sock_arg)];
+        // A warm-pool member says Hello without an instance id and waits for `assign`.
+        if !req.warm {
+            args.push(cstr(format!("hearth.instance={}", req.id).as_bytes()));
+        }
         let cmd = sys::NamespacedCommand {
             program: cstr(self.init_path.as_os_str().as_bytes()),
-            args: vec![
-                cstr(b"hearth-init"),
-                cstr(&sock_arg),
-                cstr(format!("hearth.instance={}", req.id).as_bytes()),
-            ],
+            args,
             env: vec![cstr(b"PATH=/usr/sbin:/usr/bin:/sbin:/bin")],
             output: output.into(),
             namespaces: libc::CLONE_NEWPID
