@@ -52,12 +52,16 @@ fn fuzz_projects(root: &Path) -> Vec<std::path::PathBuf> {
 
 fn fuzz_smoke(root: &Path, seconds: u64) -> anyhow::Result<()> {
     let toolchain = setup::unstable_toolchain();
+    let target_dir = hearth_testkit::artifacts::target_dir().join("fuzz");
     for project in fuzz_projects(root) {
         let mut list = util::cargo();
         list.current_dir(&project).args(["fuzz", "list"]);
         let targets = util::output(&mut list)?;
         for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
             let mut cmd = Command::new("rustup");
+            // One target dir for every fuzz project: they share most dependencies, and each
+            // built alone costs minutes of the CI budget.
+            cmd.env("CARGO_TARGET_DIR", &target_dir);
             cmd.current_dir(&project)
                 .args(["run", &toolchain, "cargo", "fuzz"])
                 .arg(if seconds == 0 { "build" } else { "run" })
