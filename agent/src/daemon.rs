@@ -272,8 +272,11 @@ impl Daemon {
             .filter_map(|e| e.private().runtime)
             .filter_map(|rt| rt.dir.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
-        pool.run(&in_use).await;
+        pool.run(&in_use, mgr.start_gate()).await;
         mgr.set_pool(pool.clone());
+        if let Some(net) = &net {
+            net.start_preparing(cfg.runtime, sup_token.clone(), mgr.start_gate());
+        }
         let node = Arc::new(Node {
             name: cfg.node_name(),
             cfg: cfg.clone(),

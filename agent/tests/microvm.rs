@@ -12,12 +12,18 @@ use hearth_agent::{config::RuntimeKind, model::pb};
 
 const LONG: Duration = Duration::from_secs(180);
 
+/// The instances' interfaces (not those the agent prepares ahead of time for the next starts,
+/// labelled `_net…`).
 fn taps(prefix: &str) -> Vec<String> {
     std::fs::read_dir("/sys/class/net")
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(prefix))
+        .filter(|n| {
+            let alias = std::fs::read_to_string(format!("/sys/class/net/{n}/ifalias"));
+            !alias.is_ok_and(|a| a.starts_with(hearth_agent::instance::network::PREPARED_PREFIX))
+        })
         .collect()
 }
 

@@ -554,6 +554,8 @@ async fn config_pools_and_an_agent_killed_mid_run() {
     // removed and replaced.
     let (code, out) = exec(&mut c, "survivor", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "survivor"));
+    // Its eBPF programs moved to its name at the claim, where the new agent found them.
+    assert!(env.cfg.bpf_root.join("survivor/link_egress").exists());
     let deadline = tokio::time::Instant::now() + LONG;
     let kept = loop {
         let kept: Vec<&String> = before

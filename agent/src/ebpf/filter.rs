@@ -750,6 +750,24 @@ impl Filter {
         })
     }
 
+    /// Moves the pinned state to `root/instance` (an attached filter that changes hands, e.g.
+    /// a warm-pool member's becoming its instance's), so that [`Filter::adopt`] and
+    /// [`PinRoot::remove`] find it under the new name. Enforcement does not stop.
+    pub fn rename(&mut self, root: &PinRoot, instance: &str) -> Result<(), FilterError> {
+        check_instance_name(instance)?;
+        let Some((attachment, _)) = self.attachment.as_mut() else {
+            return Ok(());
+        };
+        let dir = root.path.join(instance);
+        if dir.exists() {
+            return Err(FilterError::AlreadyPinned(instance.to_owned()));
+        }
+        fs::rename(&attachment.dir, &dir).map_err(io_err(&attachment.dir))?;
+        attachment.instance = instance.to_owned();
+        attachment.dir = dir;
+        Ok(())
+    }
+
     /// Where the filter is attached, if it is.
     pub fn attachment(&self) -> Option<&Attachment> {
         self.attachment.as_ref().map(|(a, _)| a)

@@ -79,12 +79,14 @@
 //! - [`compile`]: policy → map contents (pure, unit- and property-tested).
 //! - [`filter`]: [`Filter`] and [`PinRoot`] — load, attach, adopt, update, count, remove.
 //! - [`counters`]: [`Counters`], a summed snapshot.
+//! - [`stash`]: filters loaded ahead of time, so a start does not wait for the verifier.
 //! - `sys`: the raw `bpf(2)` calls aya 0.14 lacks (the module's only `unsafe`).
 
 pub mod compile;
 pub mod counters;
 pub mod filter;
 pub mod policy;
+pub mod stash;
 mod sys;
 
 use aya::Ebpf;

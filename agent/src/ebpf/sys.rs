@@ -207,3 +207,15 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
         Ok(index)
     }
 }
+
+/// Gives the calling thread the lowest CPU priority (nice 19), for background work such as
+/// loading filters ahead of time.
+pub fn lowest_thread_priority() -> io::Result<()> {
+    // SAFETY: setpriority(2) on the calling thread (who = 0 with PRIO_PROCESS means the caller,
+    // a thread on Linux); no memory is passed.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -10,12 +10,14 @@
 //!
 //! # Layout
 //!
+//! - [`gate`]: starts in flight, which background work (pool refills) waits for.
 //! - [`network`]: addresses, interfaces, NAT and eBPF per instance.
 //! - [`router`]: the ingress proxy's view of the instances.
 //! - [`spec`]: the spec hearth-init gets.
 //! - [`supervisor`]: the per-boot task.
 //! - [`timers`]: the deadline arithmetic the supervisor waits on.
 
+pub mod gate;
 pub mod network;
 pub mod router;
 pub mod spec;
@@ -288,6 +290,7 @@ pub struct Manager {
     shutdown: CancellationToken,
     started_at: i64,
     pool: std::sync::OnceLock<crate::pool::WarmPool>,
+    gate: Arc<gate::StartGate>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -321,6 +324,7 @@ impl Manager {
         Ok(Arc::new(Self {
             started_at: clock.now(),
             pool: std::sync::OnceLock::new(),
+            gate: gate::StartGate::new(),
             cfg,
             clock,
             events,
@@ -356,6 +360,11 @@ impl Manager {
     /// The node's warm pools, once set.
     pub fn pool(&self) -> Option<&crate::pool::WarmPool> {
         self.pool.get()
+    }
+
+    /// The starts in flight (background work waits for them).
+    pub fn start_gate(&self) -> Arc<gate::StartGate> {
+        self.gate.clone()
     }
 
     /// The entry of `id`.
@@ -535,6 +544,10 @@ impl Manager {
         }
         let spec = inst.spec.clone().unwrap_or_default();
         let now = self.clock.now();
+        // Phase timings at debug level (where a start spends its time).
+        let t0 = std::time::Instant::now();
+        // Until its workload is ready, background work (pool refills) waits.
+        let guard = self.gate.begin();
         let image = match entry.private().image {
             Some(i) if i.rootfs.exists() => i,
             _ => self.resolve_image(&spec.image).await?,
@@ -548,14 +561,23 @@ impl Manager {
             pool.count_start(claimed.is_some());
         }
         if let Some(claimed) = claimed {
+            tracing::debug!(
+                id,
+                us = t0.elapsed().as_micros(),
+                "claimed a warm-pool member"
+            );
             return self
-                .start_warm(&entry, &spec, image, claimed, now, inst.boots)
+                .start_warm(&entry, &spec, image, claimed, now, (t0, guard))
                 .await;
         }
         // Every boot gets a fresh address: a connection or ARP entry of an earlier boot must
-        // never reach this one (the first boot's address is fresh from create).
+        // never reach this one (the first boot's address is fresh from create). An interface
+        // prepared ahead of time brings its own.
+        let mut prepared = self.net.as_ref().and_then(|n| n.take_prepared());
         let mut address = inst.address.clone();
-        if inst.boots > 0
+        if let Some(p) = &prepared {
+            address = p.address().to_string();
+        } else if inst.boots > 0
             && let Some(net) = &self.net
         {
             match net.renew_address(id) {
@@ -569,7 +591,7 @@ impl Manager {
             }
         }
         entry.touch(now);
-        let inst = entry.commit(&self.events, &self.clock, |i, p| {
+        let committed = entry.commit(&self.events, &self.clock, |i, p| {
             i.state = pb::InstanceState::Starting as i32;
             i.boots += 1;
             i.exit = None;
@@ -586,7 +608,14 @@ impl Manager {
             vec![pb::event::Kind::Starting(pb::event::Starting {
                 boot: i.boots,
             })]
-        })?;
+        });
+        let inst = match committed {
+            Ok(i) => i,
+            Err(e) => {
+                self.discard_prepared(prepared.take()).await;
+                return Err(e.into());
+            }
+        };
         let boot = inst.boots;
         entry.logs.system(
             boot,
@@ -598,6 +627,7 @@ impl Manager {
         let listener = match bind_control_socket(&socket) {
             Ok(l) => l,
             Err(source) => {
+                self.discard_prepared(prepared.take()).await;
                 let err = RuntimeError::Io {
                     path: socket.clone(),
                     source,
@@ -610,7 +640,16 @@ impl Manager {
         let mut network = None;
         let (mut tap, mut mac) = (None, None);
         if let (Some(net), crate::config::RuntimeKind::Microvm) = (&self.net, self.runtime.kind()) {
-            match net.attach_tap(id, &spec, port).await {
+            let attached = match prepared.take() {
+                Some(p) => {
+                    let (t, m) = p.tap();
+                    net.claim_prepared(p, id, &spec, port)
+                        .await
+                        .map(|n| (t, m, n))
+                }
+                None => net.attach_tap(id, &spec, port).await,
+            };
+            match attached {
                 Ok((t, m, n)) => {
                     tap = Some(t);
                     mac = Some(m);
@@ -635,12 +674,14 @@ impl Manager {
             tap,
             mac,
             warm: false,
+            netns: prepared.as_ref().and_then(|p| p.netns()),
         };
         let rt_state = match self.runtime.launch(&req) {
             Ok(s) => s,
             Err(e) => {
                 drop(listener);
                 crate::runtime::sandbox::remove_if_exists(&socket);
+                self.discard_prepared(prepared.take()).await;
                 if let Some(net) = &self.net {
                     net.detach(id).await;
                 }
@@ -656,6 +697,7 @@ impl Manager {
                     Ok(Some(p)) => p,
                     _ => {
                         let _ = self.runtime.cleanup(&rt_state);
+                        self.discard_prepared(prepared.take()).await;
                         if let Some(net) = &self.net {
                             net.detach(id).await;
                         }
@@ -668,10 +710,20 @@ impl Manager {
                 }
             }
         };
-        tracing::debug!(id, pid = rt_state.pid, "launched");
-        // The sandbox's veth goes into the namespace of its init, before init gets its spec.
+        tracing::debug!(
+            id,
+            pid = rt_state.pid,
+            us = t0.elapsed().as_micros(),
+            "launched"
+        );
+        // The sandbox's veth goes into the namespace of its init (or init joined the one
+        // prepared with it), before init gets its spec.
         if let (Some(net), crate::config::RuntimeKind::Sandbox) = (&self.net, self.runtime.kind()) {
-            match net.attach_sandbox(id, rt_state.pid, &spec, port).await {
+            let attached = match prepared.take() {
+                Some(p) => net.claim_prepared(p, id, &spec, port).await,
+                None => net.attach_sandbox(id, rt_state.pid, &spec, port).await,
+            };
+            match attached {
                 Ok(n) => network = Some(n),
                 Err(source) => {
                     self.runtime.kill(&rt_state);
@@ -686,14 +738,24 @@ impl Manager {
                 }
             }
         }
-        tracing::debug!(id, "network attached");
+        tracing::debug!(id, us = t0.elapsed().as_micros(), "network attached");
         let inst = entry.commit(&self.events, &self.clock, |_, p| {
             p.runtime = Some(rt_state.clone());
             vec![]
         })?;
         let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);
         let init_spec = spec::init_spec(id, &spec, &image, root, network);
-        self.spawn_supervisor(&entry, listener, process, rt_state, Some(init_spec));
+        self.spawn_supervisor_with(
+            &entry,
+            listener,
+            process,
+            rt_state,
+            Some(init_spec),
+            supervisor::BootExtras {
+                member_conn: None,
+                guard: Some(guard),
+            },
+        );
         Ok(inst)
     }
 
@@ -707,10 +769,10 @@ impl Manager {
         image: ResolvedImage,
         claimed: crate::pool::Claimed,
         now: i64,
-        boots: u32,
+        (t0, guard): (std::time::Instant, gate::StartGuard),
     ) -> Result<pb::Instance, InstanceError> {
         let id = entry.id.as_str();
-        let boot = boots + 1;
+        let boot = entry.instance().boots + 1;
         let port = spec::http_port(spec, Some(&image), self.cfg.defaults.default_port);
         let member = claimed.name.clone();
         let mut network = None;
@@ -738,6 +800,7 @@ impl Manager {
                 }
             }
         }
+        tracing::debug!(id, us = t0.elapsed().as_micros(), "network handed over");
         let parts = claimed.into_parts();
         let boot_id = parts.conn.hello().boot_id.clone();
         entry.touch(now);
@@ -780,7 +843,7 @@ impl Manager {
                 image.reference
             ),
         );
-        tracing::debug!(id, %member, "claimed a warm-pool member");
+        tracing::debug!(id, %member, us = t0.elapsed().as_micros(), "warm boot committed");
         let it = spec.instance_type.unwrap_or_default();
         let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);
         let init_spec = spec::init_spec(id, spec, &image, root, network);
@@ -790,9 +853,18 @@ impl Manager {
             parts.process,
             parts.rt,
             Some(init_spec),
-            Some(parts.conn),
+            supervisor::BootExtras {
+                member_conn: Some(parts.conn),
+                guard: Some(guard),
+            },
         );
         Ok(inst)
+    }
+
+    async fn discard_prepared(&self, p: Option<network::PreparedNet>) {
+        if let (Some(p), Some(net)) = (p, &self.net) {
+            net.discard_prepared(p).await;
+        }
     }
 
     fn runtime_error(&self, id: &str, source: RuntimeError) -> InstanceError {
@@ -834,9 +906,18 @@ impl Manager {
         rt: crate::runtime::RuntimeState,
         init_spec: Option<init::InstanceSpec>,
     ) {
-        self.spawn_supervisor_with(entry, listener, process, rt, init_spec, None);
+        self.spawn_supervisor_with(
+            entry,
+            listener,
+            process,
+            rt,
+            init_spec,
+            supervisor::BootExtras::default(),
+        );
     }
 
+    /// Spawns the supervisor of a boot; a new boot also hands it its start guard and, warm,
+    /// the member's connection.
     fn spawn_supervisor_with(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
@@ -844,7 +925,7 @@ impl Manager {
         process: Process,
         rt: crate::runtime::RuntimeState,
         init_spec: Option<init::InstanceSpec>,
-        member_conn: Option<crate::pool::member::MemberConn>,
+        extras: supervisor::BootExtras,
     ) {
         let (tx, rx) = mpsc::channel(16);
         *entry.sup.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
@@ -858,7 +939,7 @@ impl Manager {
             rx,
             self.shutdown.clone(),
         )
-        .with_member_conn(member_conn);
+        .with_extras(extras);
         self.tracker.spawn(sup.run());
     }
 

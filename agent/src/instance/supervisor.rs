@@ -34,6 +34,15 @@ const MAX_ERROR_EVENTS: u32 = 16;
 /// How often a moved activity deadline is written to the store.
 const PERSIST_INTERVAL_MS: i64 = 5_000;
 
+/// What a new boot hands its supervisor besides the runtime.
+#[derive(Default)]
+pub struct BootExtras {
+    /// A claimed warm-pool member's connection (welcomed without a spec).
+    pub member_conn: Option<Conn>,
+    /// The start in flight, ended when the workload is ready.
+    pub guard: Option<super::gate::StartGuard>,
+}
+
 /// A request to the supervisor.
 pub enum Cmd {
     /// Stop with a signal and grace.
@@ -106,6 +115,8 @@ pub struct Supervisor {
     /// A claimed warm-pool member's connection, welcomed without a spec: `run` assigns the
     /// spec on it first.
     member_conn: Option<Conn>,
+    /// Held until the workload is ready (background work waits for it).
+    start_guard: Option<super::gate::StartGuard>,
     /// When the runtime was up (this supervisor was made) and when init got the spec (Unix
     /// ns), for the `started` event's breakdown.
     runtime_at: i64,
@@ -170,14 +181,16 @@ impl Supervisor {
             deadlines,
             expired_at: None,
             member_conn: None,
+            start_guard: None,
             runtime_at: now,
             spec_at: 0,
         }
     }
 
-    /// Makes this the boot of a claimed warm-pool member whose init is connected on `conn`.
-    pub(super) fn with_member_conn(mut self, conn: Option<Conn>) -> Self {
-        self.member_conn = conn;
+    /// Adds what a new boot brings besides its runtime.
+    pub(super) fn with_extras(mut self, extras: BootExtras) -> Self {
+        self.member_conn = extras.member_conn;
+        self.start_guard = extras.guard;
         self
     }
 
@@ -551,6 +564,7 @@ impl Supervisor {
                 });
             }
             G::Ready(_) => {
+                self.start_guard = None;
                 self.commit(|i, p| {
                     if i.state == pb::InstanceState::Running as i32
                         || i.state == pb::InstanceState::Starting as i32

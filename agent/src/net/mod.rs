@@ -372,8 +372,8 @@ impl<O: NetOps> Network<O> {
     }
 
     /// A warm-pool member's interface passes to an instance (the member's address became the
-    /// instance's): labels it with the instance id and sets NAT as `internet` says.
-    pub async fn hand_over(&self, inst: &InstanceNet, internet: bool) -> Result<(), NetError> {
+    /// instance's): labels it with the instance id (NAT is the caller's, [`Self::set_internet`]).
+    pub async fn hand_over(&self, inst: &InstanceNet) -> Result<(), NetError> {
         let link = self
             .ops
             .link(&inst.host_ifname)
@@ -390,8 +390,7 @@ impl<O: NetOps> Network<O> {
                     up: true,
                 },
             )
-            .await?;
-        self.set_internet(inst, internet).await
+            .await
     }
 
     /// The instance interfaces on the node (names `<prefix><index>` of kind veth or tun), with

@@ -114,6 +114,12 @@ pub(super) async fn run(
     image: ResolvedImage,
     cancel: CancellationToken,
 ) {
+    if let Some(gate) = inner.gate.get() {
+        tokio::select! {
+            () = gate.quiet(crate::instance::gate::MAX_HOLD) => {}
+            () = cancel.cancelled() => {}
+        }
+    }
     let t0 = tokio::time::Instant::now();
     let booted = match boot(&inner, &key, &name, &image, &cancel).await {
         Ok(b) => b,
@@ -304,6 +310,7 @@ async fn boot(
             tap,
             mac,
             warm: true,
+            netns: None,
         })
     })
     .await;

@@ -355,6 +355,8 @@ pub(crate) struct Inner {
     targets_path: PathBuf,
     set_lock: tokio::sync::Mutex<()>,
     starts: StartCounts,
+    /// Starts in flight: members boot when none is (or after a bounded wait).
+    gate: std::sync::OnceLock<Arc<crate::instance::gate::StartGate>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -408,14 +410,17 @@ impl WarmPool {
                 targets_path,
                 set_lock: tokio::sync::Mutex::new(()),
                 starts: StartCounts::default(),
+                gate: std::sync::OnceLock::new(),
             }),
         })
     }
 
     /// Removes what members of an earlier agent left (their cgroups, sockets, run
     /// directories, TAPs), except what the instances in `in_use` (names of run directories of
-    /// adopted boots) still use, then starts the refill task.
-    pub async fn run(&self, in_use: &[String]) {
+    /// adopted boots) still use, then starts the refill task. Members boot while no start is
+    /// in flight in `gate` (boots take the same kernel locks and CPU a start needs).
+    pub async fn run(&self, in_use: &[String], gate: Arc<crate::instance::gate::StartGate>) {
+        let _ = self.inner.gate.set(gate);
         member::remove_orphans(&self.inner, in_use).await;
         let inner = self.inner.clone();
         self.inner.tracker.spawn(refill_loop(inner));

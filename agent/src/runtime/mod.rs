@@ -83,6 +83,9 @@ pub struct LaunchRequest<'a> {
     /// id and waits for `assign`; the runtime's own log goes into the boot's run directory,
     /// which goes away with the member.
     pub warm: bool,
+    /// Sandbox: a network namespace prepared with the instance's interface, to join instead of
+    /// a new empty one.
+    pub netns: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// What the agent stores to find an instance's processes again.

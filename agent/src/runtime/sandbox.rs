@@ -128,6 +128,11 @@ impl Runtime for Sandbox {
         if !req.warm {
             args.push(cstr(format!("hearth.instance={}", req.id).as_bytes()));
         }
+        let new_net = if req.netns.is_some() {
+            0
+        } else {
+            libc::CLONE_NEWNET
+        };
         let cmd = sys::NamespacedCommand {
             program: cstr(self.init_path.as_os_str().as_bytes()),
             args,
@@ -135,9 +140,10 @@ impl Runtime for Sandbox {
             output: output.into(),
             namespaces: libc::CLONE_NEWPID
                 | libc::CLONE_NEWNS
-                | libc::CLONE_NEWNET
+                | new_net
                 | libc::CLONE_NEWUTS
                 | libc::CLONE_NEWIPC,
+            netns: req.netns.map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd)),
         };
         let pid = sys::spawn_namespaced(&cmd, |pid| cgroup.add(pid)).map_err(|source| {
             let _ = cgroup.remove();

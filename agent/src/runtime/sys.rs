@@ -111,6 +111,9 @@ pub struct NamespacedCommand {
     pub output: OwnedFd,
     /// `CLONE_NEW*` flags.
     pub namespaces: libc::c_int,
+    /// A network namespace to join (instead of `CLONE_NEWNET`): one prepared ahead of time
+    /// with the instance's interface in it.
+    pub netns: Option<std::os::fd::RawFd>,
 }
 
 /// Starts `cmd` in new namespaces (PID 1 of a new PID namespace when asked), in its own
@@ -133,6 +136,7 @@ pub fn spawn_namespaced(
     // SAFETY: the fds were just created and are owned here.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let out_fd = cmd.output.as_raw_fd();
+    let netns = cmd.netns.unwrap_or(-1);
     let flags = (cmd.namespaces | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: clone without CLONE_VM and without a new stack behaves like fork: the child gets
     // a copy of our memory. In the child we only make async-signal-safe calls on memory
@@ -148,6 +152,9 @@ pub fn spawn_namespaced(
             let mut b = 0u8;
             // Wait until the parent placed us (or closed the pipe because it failed).
             if libc::read(rd.as_raw_fd(), (&mut b as *mut u8).cast(), 1) != 1 {
+                libc::_exit(126);
+            }
+            if netns >= 0 && libc::setns(netns, libc::CLONE_NEWNET) != 0 {
                 libc::_exit(126);
             }
             let null = libc::open(devnull.as_ptr(), libc::O_RDONLY);
@@ -239,6 +246,7 @@ mod tests {
                 .collect(),
             env: vec![CString::new("PATH=/usr/bin:/bin").unwrap()],
             output: out.try_clone().unwrap().into(),
+            netns: None,
             namespaces: libc::CLONE_NEWPID | libc::CLONE_NEWUTS,
         };
         let mut placed = 0;
@@ -273,6 +281,7 @@ mod tests {
             args: vec![CString::new("sleep").unwrap(), CString::new("100").unwrap()],
             env: vec![],
             output: out.into(),
+            netns: None,
             namespaces: 0,
         };
         let err = spawn_namespaced(&cmd, |_| Err(io::Error::other("no cgroup"))).unwrap_err();

@@ -413,7 +413,11 @@ nat_table = "{nat}"
         Command::new(bin.join("hearth-agent"))
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "warn")
+            // HEARTH_BENCH_AGENT_LOG=hearth_agent=debug profiles a run (the log is kept).
+            .env(
+                "RUST_LOG",
+                std::env::var("HEARTH_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(fs::File::create(&log)?)
             .stderr(fs::File::options().append(true).open(&log)?)
             .spawn()
@@ -558,6 +562,11 @@ nat_table = "{nat}"
         );
         println!("chart: {}", chart.display());
     }
+    if std::env::var_os("HEARTH_BENCH_AGENT_LOG").is_some() {
+        let kept = chart.with_file_name("cold-start-agent.log");
+        fs::copy(&log, &kept)?;
+        eprintln!("cold-start: agent log kept in {}", kept.display());
+    }
     drop(bench);
     drop(registry);
     Ok(())
@@ -645,7 +654,7 @@ mod chart {
             .build_cartesian_2d(0.0..max_p, 0.0..2.0)?;
         p.configure_mesh()
             .disable_y_mesh()
-            .y_labels(3)
+            .y_labels(5)
             .y_label_formatter(&|y| match *y {
                 y if (0.4..0.6).contains(&y) => "warm".into(),
                 y if (1.4..1.6).contains(&y) => "cold".into(),
