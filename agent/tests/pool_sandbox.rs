@@ -198,6 +198,12 @@ async fn start_claims_a_ready_member_and_says_so() {
         m.ebpf_packets_allowed > 0,
         "the instance's policy is attached: {m:?}"
     );
+    // hearth-init's own output moved with the member to the instance.
+    let runtime_log = env.cfg.state_dir.join("instances/warm-1/runtime.log");
+    let text = std::fs::read_to_string(&runtime_log).unwrap();
+    assert!(text.contains("started pid="), "{text}");
+    let member = boot_dir(&agent, "warm-1");
+    assert!(!env.cfg.state_dir.join("instances").join(member).exists());
 
     // The pool refills behind it.
     let p = wait_ready_members(&mut c, &img.httpd, 1).await;

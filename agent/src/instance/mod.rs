@@ -843,6 +843,9 @@ impl Manager {
                 image.reference
             ),
         );
+        if let Err(e) = crate::runtime::move_boot_logs(&self.cfg.state_dir, &member, id) {
+            tracing::warn!(id, %member, error = %e, "cannot move the member's runtime logs");
+        }
         tracing::debug!(id, %member, us = t0.elapsed().as_micros(), "warm boot committed");
         let it = spec.instance_type.unwrap_or_default();
         let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);

@@ -390,7 +390,12 @@ async fn boot(
             conn,
         }),
         Err(why) => {
-            let log = rt.dir.join("runtime.log");
+            let log = inner
+                .cfg
+                .state_dir
+                .join("instances")
+                .join(name)
+                .join("runtime.log");
             let tail = std::fs::read_to_string(&log)
                 .map(|t| {
                     let lines: Vec<&str> = t.lines().collect();
@@ -427,6 +432,7 @@ async fn teardown(inner: &Inner, name: &str, rt: Option<RuntimeState>, process: 
         }
     }
     crate::runtime::sandbox::remove_if_exists(&inner.runtime.control_socket(name));
+    let _ = std::fs::remove_dir_all(inner.cfg.state_dir.join("instances").join(name));
     if let Some(net) = &inner.net {
         net.detach(name).await;
         net.release(name);
@@ -455,8 +461,13 @@ pub(super) async fn remove_orphans(inner: &Inner, in_use: &[String]) {
             }
         }
     }
-    let dir = inner.cfg.run_dir.join("i");
-    if let Ok(rd) = std::fs::read_dir(&dir) {
+    for dir in [
+        inner.cfg.run_dir.join("i"),
+        inner.cfg.state_dir.join("instances"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             let base = n.split('.').next().unwrap_or("");

@@ -143,12 +143,9 @@ impl Runtime for Microvm {
         f.set_len(req.instance_type.disk_mib << 20)
             .map_err(io(&scratch))?;
         drop(f);
-        let logs = if req.warm {
-            dir.clone()
-        } else {
-            self.state_dir.join("instances").join(req.id)
-        };
+        let logs = self.state_dir.join("instances").join(req.id);
         std::fs::create_dir_all(&logs).map_err(io(&logs))?;
+        super::rotate_boot_logs(&logs);
         let out_path = logs.join("runtime.log");
         let out = OpenOptions::new()
             .create(true)

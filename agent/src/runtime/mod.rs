@@ -80,8 +80,7 @@ pub struct LaunchRequest<'a> {
     /// MAC address of the guest's interface, if any.
     pub mac: Option<String>,
     /// A warm-pool member (`id` is the member's name): hearth-init starts without an instance
-    /// id and waits for `assign`; the runtime's own log goes into the boot's run directory,
-    /// which goes away with the member.
+    /// id and waits for `assign`.
     pub warm: bool,
     /// Sandbox: a network namespace prepared with the instance's interface, to join instead of
     /// a new empty one.
@@ -138,6 +137,44 @@ pub trait Runtime: Send + Sync {
     fn oom_kills(&self, state: &RuntimeState) -> u64;
     /// Resource use seen from outside.
     fn usage(&self, state: &RuntimeState) -> RuntimeUsage;
+}
+
+/// The runtime's log files of one boot (`runtime.log`, and `console.log` of a microVM) live in
+/// `<state_dir>/instances/<id>/`; the previous boot's are kept as `<name>.1`. Call before a
+/// launch opens them.
+pub fn rotate_boot_logs(dir: &std::path::Path) {
+    for name in BOOT_LOGS {
+        let path = dir.join(name);
+        if path.exists() {
+            let _ = std::fs::rename(&path, dir.join(format!("{name}.1")));
+        }
+    }
+}
+
+/// The files [`rotate_boot_logs`] rotates.
+pub const BOOT_LOGS: [&str; 2] = ["runtime.log", "console.log"];
+
+/// A warm-pool member became instance `id`: its boot logs (written under the member's name,
+/// still open in its processes) move to the instance's directory (the same file system, so
+/// the processes keep writing to them), the instance's previous ones rotated.
+pub fn move_boot_logs(state_dir: &std::path::Path, member: &str, id: &str) -> std::io::Result<()> {
+    let from = state_dir.join("instances").join(member);
+    let to = state_dir.join("instances").join(id);
+    std::fs::create_dir_all(&to)?;
+    rotate_boot_logs(&to);
+    for name in BOOT_LOGS {
+        match std::fs::rename(from.join(name), to.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::remove_dir_all(&from).or_else(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
 }
 
 /// A watched main process (ours, or adopted after a restart).

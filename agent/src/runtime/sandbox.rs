@@ -102,15 +102,12 @@ impl Runtime for Sandbox {
             vcpus: req.instance_type.vcpus,
             pids: PIDS_MAX,
         })?;
-        let log_dir = if req.warm {
-            dir.clone()
-        } else {
-            self.state_dir.join("instances").join(req.id)
-        };
+        let log_dir = self.state_dir.join("instances").join(req.id);
         std::fs::create_dir_all(&log_dir).map_err(|source| RuntimeError::Io {
             path: log_dir.clone(),
             source,
         })?;
+        super::rotate_boot_logs(&log_dir);
         let log_path = log_dir.join("runtime.log");
         let output = OpenOptions::new()
             .create(true)
