@@ -397,3 +397,57 @@ async fn sleep_after_expires_then_an_unanswered_stop_is_killed_after_grace_and_m
         pb::ErrorKind::InitUnreachable as i32
     );
 }
+
+/// A warm-pool member whose `assign` was lost dials again without an instance id: it is
+/// welcomed without a spec and assigned the spec on that connection.
+#[tokio::test]
+async fn a_first_hello_without_an_instance_id_gets_welcome_then_assign() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mgr, _runtime) = manager(dir.path());
+    mgr.create(
+        "m",
+        pb::InstanceSpec {
+            image: "registry.test/app:v1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    mgr.start("m").await.unwrap();
+    let stream = tokio::net::UnixStream::connect(dir.path().join("r/m.sock"))
+        .await
+        .unwrap();
+    let hello = init::Hello {
+        protocol_version: hearth_proto::PROTOCOL_VERSION,
+        boot_id: "member-boot".into(),
+        ..Default::default()
+    };
+    let (ch, welcome) = GuestChannel::connect(stream, hello, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(welcome.spec.is_none());
+    let mut guest = ch.into_framed();
+    let next = tokio::time::timeout(Duration::from_secs(10), guest.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match next.msg {
+        Some(H::Assign(spec)) => assert_eq!(spec.instance_id, "m"),
+        other => panic!("expected assign, got {other:?}"),
+    }
+    guest
+        .send(GuestMessage {
+            msg: Some(G::Started(init::Started {
+                pid: 7,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    mgr.wait_for("m", &[pb::InstanceState::Running], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(mgr.entry("m").unwrap().private().boot_id, "member-boot");
+    mgr.destroy("m").await.unwrap();
+}

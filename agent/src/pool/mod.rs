@@ -355,6 +355,9 @@ pub(crate) struct Inner {
     targets_path: PathBuf,
     set_lock: tokio::sync::Mutex<()>,
     starts: StartCounts,
+    /// Pools of the config: kept (with target 0) when the API empties them, so the stored
+    /// targets keep overriding the config.
+    config_keys: std::collections::BTreeSet<PoolKey>,
     /// Starts in flight: members boot when none is (or after a bounded wait).
     gate: std::sync::OnceLock<Arc<crate::instance::gate::StartGate>>,
 }
@@ -388,7 +391,9 @@ impl WarmPool {
     ) -> Result<Self, PoolError> {
         let targets_path = targets::path(&cfg.state_dir);
         let mut pools = BTreeMap::new();
+        let mut config_keys = std::collections::BTreeSet::new();
         for (key, size) in config_pools(&cfg)? {
+            config_keys.insert(key.clone());
             pools.insert(key, Pool::new(Source::Config, size));
         }
         for t in targets::load(&targets_path)? {
@@ -408,6 +413,7 @@ impl WarmPool {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 targets_path,
+                config_keys,
                 set_lock: tokio::sync::Mutex::new(()),
                 starts: StartCounts::default(),
                 gate: std::sync::OnceLock::new(),
@@ -607,7 +613,7 @@ impl WarmPool {
                 }
             }
             let view = view_of(&key, pool);
-            if size == 0 && pool.slots.is_empty() {
+            if size == 0 && pool.slots.is_empty() && !self.inner.config_keys.contains(&key) {
                 st.pools.remove(&key);
             }
             view
@@ -925,7 +931,7 @@ fn refill_once(inner: &Arc<Inner>) {
     }
     // Pools that were removed and whose last member ended.
     st.pools
-        .retain(|_, p| p.target > 0 || !p.slots.is_empty() || p.source == Source::Config);
+        .retain(|k, p| p.target > 0 || !p.slots.is_empty() || inner.config_keys.contains(k));
     for (key, image) in launch {
         let name = loop {
             let n = st.next_member;
