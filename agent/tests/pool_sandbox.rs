@@ -534,6 +534,20 @@ async fn config_pools_and_an_agent_killed_mid_run() {
         text.contains(&img.busybox) && text.contains("1/64M/64M"),
         "{text}"
     );
+    // hearthctl sets it (the API's target wins over the config's).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
+        .arg("--socket")
+        .arg(&env.cfg.api.socket)
+        .args(["--json", "pool", "set", &img.busybox, "2"])
+        .args(["--vcpus", "1", "--memory", "64", "--disk", "64"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["target"].as_u64(), v["source"].as_str()),
+        (Some(2), Some("api"))
+    );
 
     start_warm(
         &mut c,
