@@ -1,6 +1,6 @@
 //! The microvm runtime: one hearth-vmm process per instance (see `docs/vmm.md`), with the
-//! image's rootfs as a read-only disk (`/dev/vda`), a fresh sparse scratch disk (`/dev/vdb`, the
-//! writable layer, created anew for every boot), the instance's TAP, and a vsock device whose
+//! image's rootfs as a read-only disk (`/dev/vda`), a fresh scratch disk (`/dev/vdb`, the
+//! writable layer: a sparse file under the state dir with an empty ext4, made anew for every boot), the instance's TAP, and a vsock device whose
 //! host side is a Unix socket; hearth-init dials host port 1024, which hearth-vmm maps to
 //! `<vsock socket>_1024`, where the agent listens. The VMM runs in its own process group and
 //! in an instance cgroup, so it outlives the agent.
@@ -29,6 +29,55 @@ use crate::{
 const VMM_OVERHEAD_MIB: u64 = 64;
 /// The guest's vsock context id (only the host, CID 2, is ever dialled).
 const GUEST_CID: u32 = 3;
+
+/// Creates the boot's scratch disk: a sparse file of `bytes` holding an empty ext4 filesystem,
+/// which is what hearth-init expects on its scratch device (it mounts and empties it, it never
+/// formats: the guest has no mkfs). No journal (the layer dies with the boot) and lazy inode
+/// table init, so the file stays sparse and mkfs takes about 10 ms.
+fn make_scratch(path: &Path, bytes: u64) -> Result<(), RuntimeError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(bytes).map_err(io(path))?;
+    drop(f);
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-L",
+            "hearth-scratch",
+        ])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RuntimeError::Spawn {
+            what: "mkfs.ext4 for the scratch disk (install e2fsprogs)".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(RuntimeError::Scratch {
+            path: path.to_owned(),
+            why: format!(
+                "mkfs.ext4 failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// Asks hearth-vmm's control socket for `metrics` (one line of JSON), briefly.
 fn vmm_metrics(socket: &Path) -> Option<serde_json::Value> {
@@ -96,6 +145,17 @@ impl Microvm {
         self.run_dir.join("i").join(format!("{id}.vsock"))
     }
 
+    /// The boot's writable disk: on the state disk, never in the run dir (a tmpfs on most hosts,
+    /// where a guest filling its disk would fill host memory). Named after the boot's run dir,
+    /// which stays with the boot when a warm-pool member is handed to an instance.
+    fn scratch_path(&self, dir: &Path) -> PathBuf {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.state_dir.join("scratch").join(format!("{name}.img"))
+    }
+
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.run_dir.join("i").join(id)
     }
@@ -133,16 +193,8 @@ impl Runtime for Microvm {
         // A fresh writable layer every boot.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let scratch = dir.join("scratch.img");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&scratch)
-            .map_err(io(&scratch))?;
-        f.set_len(req.instance_type.disk_mib << 20)
-            .map_err(io(&scratch))?;
-        drop(f);
+        let scratch = self.scratch_path(&dir);
+        make_scratch(&scratch, req.instance_type.disk_mib << 20)?;
         let logs = self.state_dir.join("instances").join(req.id);
         std::fs::create_dir_all(&logs).map_err(io(&logs))?;
         super::rotate_boot_logs(&logs);
@@ -258,6 +310,7 @@ impl Runtime for Microvm {
         if let Some(id) = state.dir.file_name().and_then(|n| n.to_str()) {
             remove_if_exists(&self.vsock_socket(id));
         }
+        let _ = std::fs::remove_file(self.scratch_path(&state.dir));
         let _ = std::fs::remove_dir_all(&state.dir);
         Ok(())
     }
@@ -290,5 +343,42 @@ impl Runtime for Microvm {
                 .unwrap_or(0);
         }
         usage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    #[test]
+    fn scratch_disk_is_a_clean_sparse_ext4() {
+        hearth_testkit::require!(hearth_testkit::skip::program("mkfs.ext4"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scratch").join("boot.img");
+        make_scratch(&path, 256 << 20).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 256 << 20);
+        assert!(
+            meta.blocks() * 512 < 8 << 20,
+            "scratch disk is not sparse: {} bytes allocated",
+            meta.blocks() * 512
+        );
+        // e2fsck -n: read-only check; exit 0 means a clean filesystem.
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        // A second boot gets a fresh one over the old file.
+        std::fs::write(&path, b"leftover").unwrap();
+        make_scratch(&path, 64 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
     }
 }

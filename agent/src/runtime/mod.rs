@@ -53,6 +53,14 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// The boot's scratch disk could not be made.
+    #[error("Making the scratch disk {path} failed: {why}")]
+    Scratch {
+        /// The disk file.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
     /// A file operation failed.
     #[error("Runtime file operation on {path} failed")]
     Io {
