@@ -12,9 +12,10 @@ use std::sync::{
     atomic::{AtomicU32, Ordering},
 };
 
+use event_manager::{EventOps, Events};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::{epoll::EventSet, eventfd::EventFd};
 
 /// `VIRTIO_F_VERSION_1`: the modern interface, which the MMIO transport v2 requires.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -87,6 +88,17 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
+impl Activation {
+    /// The queues as exactly `N` (the device's queue count), or the error saying how many the
+    /// driver set up.
+    pub fn queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+        let got = queues.len();
+        queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })
+    }
+}
+
 /// A virtio device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id.
@@ -115,5 +127,47 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(offset..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// Clones of a device's queue notify events, for KVM's ioeventfds.
+pub fn clone_events(evts: &[EventFd]) -> std::io::Result<Vec<EventFd>> {
+    evts.iter().map(EventFd::try_clone).collect()
+}
+
+/// Watches a device's activation event on the I/O thread (`what` names the device in the log).
+pub fn watch_activation(ops: &mut EventOps, evt: &EventFd, token: u32, what: &str) {
+    if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
+        tracing::error!("Cannot watch the {what} activation event: {e:?}");
+    }
+}
+
+/// Watches a device's queue notify events on the I/O thread: queue `i` gets token `first + i`.
+pub fn watch_queues(ops: &mut EventOps, evts: &[EventFd], first: u32) {
+    for (token, evt) in (first..).zip(evts) {
+        // A driver that activates again after a reset finds them watched already (EEXIST).
+        let _ = ops.add(Events::with_data(evt, token, EventSet::IN));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::QueueT as _;
+
+    use super::*;
+
+    #[test]
+    fn activation_takes_exactly_the_device_queue_count() {
+        let make = |n| (0..n).map(|_| Queue::new(16).unwrap()).collect::<Vec<_>>();
+        assert!(Activation::queues::<2>(make(2)).is_ok());
+        for got in [0, 1, 3] {
+            match Activation::queues::<2>(make(got)) {
+                Err(ActivateError::QueueCount {
+                    expected: 2,
+                    got: g,
+                }) => assert_eq!(g, got),
+                other => panic!("{got} queues: {:?}", other.map(|_| ())),
+            }
+        }
     }
 }

@@ -321,10 +321,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let Some(queue) = a.queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let [queue] = Activation::queues(a.queues)?;
         self.active = Some(Active {
             mem: a.mem,
             queue,

@@ -4,6 +4,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{device::Block, io::Engine};
+use crate::devices::virtio::{watch_activation, watch_queues};
 
 const TOKEN_ACTIVATE: u32 = 0;
 const TOKEN_QUEUE: u32 = 1;
@@ -11,13 +12,7 @@ const TOKEN_COMPLETION: u32 = 2;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!("Cannot watch the block activation event: {e:?}");
-        }
+        watch_activation(ops, &self.activate_evt, TOKEN_ACTIVATE, "block");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -25,11 +20,7 @@ impl MutEventSubscriber for Block {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_evt.read();
                 self.start_engine();
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evt,
-                    TOKEN_QUEUE,
-                    EventSet::IN,
-                ));
+                watch_queues(ops, std::slice::from_ref(&self.queue_evt), TOKEN_QUEUE);
                 if let Some(Engine::Uring(e)) = &self.engine {
                     let _ = ops.add(Events::with_data(e.event(), TOKEN_COMPLETION, EventSet::IN));
                 }

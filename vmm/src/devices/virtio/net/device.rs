@@ -12,7 +12,7 @@ use super::{metrics::NetMetrics, tap::Tap};
 use crate::{
     config::NetConfig,
     devices::virtio::{
-        ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, ids,
+        ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, clone_events, ids,
         read_config_bytes,
     },
     metrics::{add, inc},
@@ -26,8 +26,6 @@ pub const NET_HDR_LEN: usize = 12;
 pub const MAX_FRAME: usize = 65_562;
 /// Queue size.
 pub const QUEUE_SIZE: u16 = 256;
-const RX: usize = 0;
-const TX: usize = 1;
 
 /// Why the network device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -92,10 +90,7 @@ impl Net {
 
     /// Clones of the queue events, for KVM's ioeventfds.
     pub fn queue_evts(&self) -> Result<Vec<EventFd>, NetError> {
-        self.queue_evts
-            .iter()
-            .map(|e| e.try_clone().map_err(NetError::EventFd))
-            .collect()
+        clone_events(&self.queue_evts).map_err(NetError::EventFd)
     }
 
     /// Sends every frame the guest queued.
@@ -209,15 +204,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        if got != 2 {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        }
-        let mut q = a.queues.into_iter();
-        let (Some(rx), Some(tx)) = (q.next(), q.next()) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        let _ = (RX, TX);
+        let [rx, tx] = Activation::queues(a.queues)?;
         self.active = Some(Active {
             mem: a.mem,
             rx,

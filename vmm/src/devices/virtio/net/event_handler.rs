@@ -4,37 +4,24 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::Net;
+use crate::devices::virtio::{watch_activation, watch_queues};
 
 const TOKEN_ACTIVATE: u32 = 0;
+// Queue tokens follow the queue order (`watch_queues`).
 const TOKEN_RX: u32 = 1;
 const TOKEN_TX: u32 = 2;
 const TOKEN_TAP: u32 = 3;
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!("Cannot watch the net activation event: {e:?}");
-        }
+        watch_activation(ops, &self.activate_evt, TOKEN_ACTIVATE, "net");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_evt.read();
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evts[0],
-                    TOKEN_RX,
-                    EventSet::IN,
-                ));
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evts[1],
-                    TOKEN_TX,
-                    EventSet::IN,
-                ));
+                watch_queues(ops, &self.queue_evts, TOKEN_RX);
                 // Edge-triggered: `tap_readable` remembers readiness until a read says EAGAIN.
                 let _ = ops.add(Events::with_data(
                     &self.tap,

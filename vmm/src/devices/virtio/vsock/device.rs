@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     devices::virtio::{
-        ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, ids,
+        ActivateError, Activation, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, clone_events, ids,
         read_config_bytes,
     },
     metrics::inc,
@@ -73,10 +73,7 @@ impl Vsock {
 
     /// Clones of the queue events, for KVM's ioeventfds.
     pub fn queue_evts(&self) -> Result<Vec<EventFd>, VsockError> {
-        self.queue_evts
-            .iter()
-            .map(|e| e.try_clone().map_err(VsockError::EventFd))
-            .collect()
+        clone_events(&self.queue_evts).map_err(VsockError::EventFd)
     }
 
     /// Hands over the bound host-side listener.
@@ -164,12 +161,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let mut q = a.queues.into_iter();
-        let (Some(rx), Some(tx), Some(_event), None) = (q.next(), q.next(), q.next(), q.next())
-        else {
-            return Err(ActivateError::QueueCount { expected: 3, got });
-        };
+        let [rx, tx, _event] = Activation::queues(a.queues)?;
         self.active = Some(Active {
             mem: a.mem,
             rx,

@@ -7,8 +7,10 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{device::Vsock, muxer::Watch};
+use crate::devices::virtio::{watch_activation, watch_queues};
 
 const TOKEN_ACTIVATE: u32 = 0;
+// Queue tokens follow the queue order (`watch_queues`).
 const TOKEN_RX: u32 = 1;
 const TOKEN_TX: u32 = 2;
 const TOKEN_EVQ: u32 = 3;
@@ -38,13 +40,7 @@ impl Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            tracing::error!("Cannot watch the vsock activation event: {e:?}");
-        }
+        watch_activation(ops, &self.activate_evt, TOKEN_ACTIVATE, "vsock");
         if let Some(fd) = self.muxer.listener_fd() {
             let _ = ops.add(Events::with_data_raw(fd, TOKEN_LISTENER, EventSet::IN));
         }
@@ -55,21 +51,7 @@ impl MutEventSubscriber for Vsock {
         match events.data() {
             TOKEN_ACTIVATE => {
                 let _ = self.activate_evt.read();
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evts[0],
-                    TOKEN_RX,
-                    EventSet::IN,
-                ));
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evts[1],
-                    TOKEN_TX,
-                    EventSet::IN,
-                ));
-                let _ = ops.add(Events::with_data(
-                    &self.queue_evts[2],
-                    TOKEN_EVQ,
-                    EventSet::IN,
-                ));
+                watch_queues(ops, &self.queue_evts, TOKEN_RX);
                 for w in self.process_tx() {
                     watch(ops, w);
                 }
