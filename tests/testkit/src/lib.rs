@@ -13,7 +13,8 @@
 //!   pushed with skopeo.
 //! - [`pki`]: test CAs and certificates made with openssl.
 //! - [`rootfs`]: busybox root filesystems (a directory tree, an erofs or ext4 image of it).
-//! - [`netns`]: network namespaces, veth pairs and background processes, removed on drop.
+//! - [`netns`]: network namespaces, veth pairs and background processes, removed on drop; raw
+//!   packet sockets.
 
 #![deny(missing_docs)]
 

@@ -1,5 +1,6 @@
 //! Network namespaces, veth pairs and background processes for tests, all cleaned up on drop
-//! (also when the test panics). Needs root and `ip` (iproute2).
+//! (also when the test panics), and raw packet sockets to see frames on an interface. Needs root
+//! and `ip` (iproute2).
 //!
 //! Names are unique per process and call (pid + counter), so tests running at the same time —
 //! in this process or in others — never collide; interface names stay within 15 bytes.
@@ -20,12 +21,14 @@
 //! ```
 
 use std::{
+    ffi::CString,
     fs::File,
     io,
-    os::fd::AsRawFd,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -59,6 +62,60 @@ pub fn run_checked(cmd: &mut Command) -> io::Result<Output> {
             String::from_utf8_lossy(&out.stderr).trim()
         )))
     }
+}
+
+/// A raw packet socket for frames of `ethertype` on interface `ifname`, in the calling thread's
+/// network namespace (create it inside [`NetNs::run`] for another namespace's interface: it
+/// stays bound there). A `recv` on it gives up after `recv_timeout`.
+pub fn packet_socket(ifname: &str, ethertype: u16, recv_timeout: Duration) -> io::Result<OwnedFd> {
+    let proto = ethertype.to_be();
+    // SAFETY: socket(2) takes no pointers; the new fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = CString::new(ifname).map_err(io::Error::other)?;
+    // SAFETY: reads a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_ll; family, protocol and index are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: binds our socket to a sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tv = libc::timeval {
+        tv_sec: recv_timeout.as_secs() as libc::time_t,
+        tv_usec: recv_timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: sets an option on our socket from a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.

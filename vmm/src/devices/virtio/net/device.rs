@@ -224,9 +224,10 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use std::{
-        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        os::fd::AsRawFd,
         process::Command,
         sync::atomic::{AtomicU32, Ordering},
+        time::Duration,
     };
 
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -239,33 +240,6 @@ mod tests {
     use super::*;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
-
-    /// A packet socket on `ifname` in the calling thread's network namespace.
-    fn packet_socket(ifname: &str) -> OwnedFd {
-        let proto = 0x88b5u16.to_be();
-        // SAFETY: creates a socket; owned below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd we own.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: a zeroed sockaddr_ll is valid; we fill family, protocol, index.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        // SAFETY: reads a NUL-terminated name.
-        addr.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        // SAFETY: binds our socket to an address of the right size.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0);
-        sock
-    }
 
     /// TX and RX through a real TAP in a network namespace private to the test thread.
     #[test]
@@ -290,7 +264,10 @@ mod tests {
             ] {
                 assert!(Command::new("ip").args(args).status().unwrap().success());
             }
-            let sock = packet_socket("hvmut0");
+            // Generous: only a lost frame should end the wait.
+            let sock =
+                hearth_testkit::netns::packet_socket("hvmut0", 0x88b5, Duration::from_secs(60))
+                    .unwrap();
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
             let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
             let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
@@ -340,7 +317,11 @@ mod tests {
                 // SAFETY: receives into our buffer.
                 let n =
                     unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                assert!(n > 0);
+                assert!(
+                    n > 0,
+                    "no frame on the TAP: {}",
+                    std::io::Error::last_os_error()
+                );
                 if buf[12..14] == [0x88, 0xb5] {
                     break buf[..n as usize].to_vec();
                 }
@@ -352,17 +333,25 @@ mod tests {
             reply[..6].copy_from_slice(&mac);
             reply[12..14].copy_from_slice(&[0x88, 0xb5]);
             reply[14..21].copy_from_slice(b"unit-rx");
-            // SAFETY: sends our buffer.
-            let n = unsafe { libc::send(sock.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
-            assert_eq!(n, 60);
-            let mut pfd = libc::pollfd {
-                fd: net.tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: polls one descriptor we own.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-            assert_eq!(ready, 1, "the TAP got no frame");
+            // Until the kernel has activated the TAP's queue discipline (link events are handled
+            // asynchronously after the carrier comes up), frames sent to it are dropped: resend.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                // SAFETY: sends our buffer.
+                let n =
+                    unsafe { libc::send(sock.as_raw_fd(), reply.as_ptr().cast(), reply.len(), 0) };
+                assert_eq!(n, 60);
+                let mut pfd = libc::pollfd {
+                    fd: net.tap.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polls one descriptor we own.
+                if unsafe { libc::poll(&mut pfd, 1, 200) } == 1 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the TAP got no frame");
+            }
             net.tap_readable = true;
             net.process_rx();
             let used = rxq.used().idx().load();
