@@ -6,6 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{guest, listing, run};
+use hearth_testkit::{require, skip};
 
 struct Case {
     dir: tempfile::TempDir,
@@ -66,14 +67,6 @@ fn kernel() -> String {
     guest("boot_timer").display().to_string()
 }
 
-fn require_kvm() -> bool {
-    if let Some(why) = hearth_testkit::skip::kvm() {
-        hearth_testkit::skip::skipped(&why);
-        return false;
-    }
-    true
-}
-
 #[test]
 fn missing_kernel() {
     let c = Case::new();
@@ -83,9 +76,7 @@ fn missing_kernel() {
 
 #[test]
 fn corrupt_kernels() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let c = Case::new();
     let junk = c.path("junk");
     std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
@@ -105,9 +96,7 @@ fn corrupt_kernels() {
 
 #[test]
 fn memory_larger_than_the_host() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let c = Case::new();
     c.fails(
         &["--kernel", &kernel(), "--memory-mib", "100000000"],
@@ -125,9 +114,7 @@ fn unknown_config_key() {
 
 #[test]
 fn absent_tap() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let c = Case::new();
     c.fails(
         &["--kernel", &kernel(), "--net", "tap=hvmnotap0"],
@@ -152,9 +139,7 @@ fn missing_disk() {
 
 #[test]
 fn socket_paths_in_use() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let c = Case::new();
     let busy = c.path("busy.sock");
     let _holder = std::os::unix::net::UnixListener::bind(&busy).unwrap();

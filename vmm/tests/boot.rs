@@ -3,14 +3,7 @@
 mod common;
 
 use common::{bzimage_from_elf, guest, run};
-
-fn require_kvm() -> bool {
-    if let Some(why) = hearth_testkit::skip::kvm() {
-        hearth_testkit::skip::skipped(&why);
-        return false;
-    }
-    true
-}
+use hearth_testkit::{require, skip};
 
 fn assert_all_checks_passed(out: &str, checks: &[&str]) {
     for c in checks {
@@ -38,9 +31,7 @@ const CHECKS: &[&str] = &[
 
 #[test]
 fn vmlinux_elf_boot_state_with_two_vcpus() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let g = guest("boot_check");
     let r = run(&[
         "--kernel",
@@ -63,9 +54,7 @@ fn vmlinux_elf_boot_state_with_two_vcpus() {
 
 #[test]
 fn bzimage_boot_with_initrd() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
     let bz = dir.path().join("bzImage");
     bzimage_from_elf(&guest("boot_check"), &bz);
@@ -89,9 +78,7 @@ fn bzimage_boot_with_initrd() {
 
 #[test]
 fn boot_timer_guest_resets_with_and_without_seccomp() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let g = guest("boot_timer");
     for seccomp in ["on", "off"] {
         let r = run(&["--kernel", g.to_str().unwrap(), "--seccomp", seccomp]);
@@ -111,9 +98,7 @@ fn boot_timer_guest_resets_with_and_without_seccomp() {
 
 #[test]
 fn serial_output_to_a_file() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("serial.log");
     let g = guest("boot_timer");
@@ -133,9 +118,7 @@ fn serial_output_to_a_file() {
 
 #[test]
 fn config_file_boot() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("vm.toml");
     let g = guest("boot_check");

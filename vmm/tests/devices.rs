@@ -7,20 +7,13 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::{UnixListener, UnixStream},
-    path::Path,
-    process::Stdio,
+    path::{Path, PathBuf},
+    process::Child,
     time::Duration,
 };
 
-use common::{guest, run, vmm, wait, wait_for};
-
-fn require_kvm() -> bool {
-    if let Some(why) = hearth_testkit::skip::kvm() {
-        hearth_testkit::skip::skipped(&why);
-        return false;
-    }
-    true
-}
+use common::{guest, run, spawn, vmm, wait, wait_for};
+use hearth_testkit::{require, skip};
 
 fn disk(path: &Path, tag: &[u8]) {
     let mut d = vec![0u8; 64 * 512];
@@ -74,37 +67,29 @@ fn blk_with_engine(engine: &str) {
 
 #[test]
 fn virtio_blk_io_uring() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     blk_with_engine("io_uring");
 }
 
 #[test]
 fn virtio_blk_sync() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     blk_with_engine("sync");
 }
 
 #[test]
 fn virtio_vsock_both_directions() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
     // The guest's connection to host port 1025 arrives here.
     let host_listener = UnixListener::bind(format!("{}_1025", uds.display())).unwrap();
     let g = guest("virtio_vsock");
-    let child = vmm()
-        .args(["--kernel", g.to_str().unwrap(), "--vsock"])
-        .arg(format!("cid=7,uds={}", uds.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(
+        vmm()
+            .args(["--kernel", g.to_str().unwrap(), "--vsock"])
+            .arg(format!("cid=7,uds={}", uds.display())),
+    );
     let (mut s, _) = host_listener.accept().unwrap();
     let mut buf = [0u8; 15];
     s.read_exact(&mut buf).unwrap();
@@ -151,25 +136,21 @@ fn control(path: &Path, cmd: &str) -> serde_json::Value {
 #[test]
 fn init_hello_frame_and_control_kill() {
     use hearth_proto::init::{GuestMessage, guest_message::Msg};
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("vsock.sock");
     let ctl = dir.path().join("ctl.sock");
     let agent = UnixListener::bind(format!("{}_1024", uds.display())).unwrap();
     let g = guest("init_hello");
-    let child = vmm()
-        .args(["--kernel", g.to_str().unwrap(), "--serial", "ring"])
-        .args(["--cmdline", "console=ttyS0 hearth.instance=inst-42"])
-        .arg("--vsock")
-        .arg(format!("uds={}", uds.display()))
-        .arg("--control-socket")
-        .arg(&ctl)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(
+        vmm()
+            .args(["--kernel", g.to_str().unwrap(), "--serial", "ring"])
+            .args(["--cmdline", "console=ttyS0 hearth.instance=inst-42"])
+            .arg("--vsock")
+            .arg(format!("uds={}", uds.display()))
+            .arg("--control-socket")
+            .arg(&ctl),
+    );
     let (mut s, _) = agent.accept().unwrap();
     let mut buf = bytes::BytesMut::new();
     let msg = loop {
@@ -218,22 +199,25 @@ fn init_hello_frame_and_control_kill() {
     );
 }
 
+/// Starts the `ctrl_alt_del` guest (it waits for the keyboard's reset request) with a control
+/// socket in `dir`, and waits for the socket.
+fn waiting_guest(dir: &Path) -> (Child, PathBuf) {
+    let ctl = dir.join("ctl.sock");
+    let g = guest("ctrl_alt_del");
+    let child = spawn(
+        vmm()
+            .args(["--kernel", g.to_str().unwrap(), "--control-socket"])
+            .arg(&ctl),
+    );
+    wait_for("the control socket", || ctl.exists());
+    (child, ctl)
+}
+
 #[test]
 fn control_shutdown_sends_ctrl_alt_del() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let g = guest("ctrl_alt_del");
-    let child = vmm()
-        .args(["--kernel", g.to_str().unwrap(), "--control-socket"])
-        .arg(&ctl)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the control socket", || ctl.exists());
+    let (child, ctl) = waiting_guest(dir.path());
     assert_eq!(control(&ctl, "shutdown")["ok"], true);
     let r = wait(child);
     assert_eq!(r.code(), 0, "{r:?}");
@@ -242,20 +226,9 @@ fn control_shutdown_sends_ctrl_alt_del() {
 
 #[test]
 fn sigterm_ends_the_vm_as_killed() {
-    if !require_kvm() {
-        return;
-    }
+    require!(skip::kvm());
     let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("ctl.sock");
-    let g = guest("ctrl_alt_del");
-    let child = vmm()
-        .args(["--kernel", g.to_str().unwrap(), "--control-socket"])
-        .arg(&ctl)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("the control socket", || ctl.exists());
+    let (child, ctl) = waiting_guest(dir.path());
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let r = wait(child);

@@ -3,101 +3,30 @@
 
 mod common;
 
-use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
-    time::Instant,
+use std::{os::fd::AsRawFd, time::Instant};
+
+use common::{DEADLINE, guest, spawn, wait};
+use hearth_testkit::{
+    netns::{NetNs, packet_socket, unique_ifname},
+    require, skip,
 };
-
-use common::{DEADLINE, guest, wait};
-
-/// Deletes the namespace (and the TAP in it) even when the test fails.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().unwrap();
-    assert!(st.success(), "ip {args:?} failed");
-}
 
 const ETHERTYPE: u16 = 0x88b5;
 
-/// A raw packet socket on `ifname` inside the namespace `ns` (entered on this thread only).
-fn packet_socket(ns: &str, ifname: &str) -> OwnedFd {
-    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-    // SAFETY: setns on this thread with a namespace fd we own.
-    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-    let proto = (ETHERTYPE).to_be();
-    // SAFETY: creating a socket; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: fd is fresh and ours.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let cname = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: reads a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    assert!(index > 0);
-    // SAFETY: a zeroed sockaddr_ll is valid; we fill family, protocol and index.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: binds our socket to a sockaddr_ll of the right size.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: sets a receive timeout on our socket.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    sock
-}
-
 #[test]
 fn frames_cross_the_tap_both_ways() {
-    hearth_testkit::require!(
-        hearth_testkit::skip::root(),
-        hearth_testkit::skip::kvm(),
-        hearth_testkit::skip::program("ip")
-    );
-    static N: AtomicU32 = AtomicU32::new(0);
-    let id = format!(
-        "{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    let ns = Netns(format!("hvmnet{id}"));
-    let tap = format!("hvt{id}");
-    ip(&["netns", "add", &ns.0]);
-    ip(&["-n", &ns.0, "tuntap", "add", "dev", &tap, "mode", "tap"]);
-    ip(&["-n", &ns.0, "link", "set", &tap, "up"]);
+    require!(skip::root(), skip::kvm(), skip::program("ip"));
+    let ns = NetNs::new("hvmnet").unwrap();
+    let tap = unique_ifname("hvt");
+    ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])
+        .unwrap();
+    ns.up(&tap).unwrap();
 
-    let (ns_name, tap_name) = (ns.0.clone(), tap.clone());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // Bound inside the namespace; received on from the host thread below.
+    let sock = ns
+        .run(|| packet_socket(&tap, ETHERTYPE, std::time::Duration::from_secs(1)))
+        .unwrap();
     let host = std::thread::spawn(move || {
-        let sock = packet_socket(&ns_name, &tap_name);
-        ready_tx.send(()).unwrap();
         let start = Instant::now();
         let mut buf = [0u8; 2048];
         let guest_frame = loop {
@@ -126,22 +55,12 @@ fn frames_cross_the_tap_both_ways() {
     });
 
     let g = guest("virtio_net");
-    // The guest sends once: the host socket must be listening first.
-    ready_rx.recv_timeout(DEADLINE).unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            env!("CARGO_BIN_EXE_hearth-vmm"),
-            "--kernel",
-        ])
-        .arg(&g)
-        .args(["--net", &format!("tap={tap},mac=06:00:ac:10:00:02")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(
+        ns.command(env!("CARGO_BIN_EXE_hearth-vmm"))
+            .arg("--kernel")
+            .arg(&g)
+            .args(["--net", &format!("tap={tap},mac=06:00:ac:10:00:02")]),
+    );
     let r = wait(child);
     let frame = host.join().unwrap();
     assert_eq!(r.code(), 0, "{r:?}");

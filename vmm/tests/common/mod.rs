@@ -72,16 +72,18 @@ pub fn wait(mut child: Child) -> Run {
     }
 }
 
-/// Runs hearth-vmm with `args` to the end.
-pub fn run(args: &[&str]) -> Run {
-    let child = vmm()
-        .args(args)
-        .stdin(Stdio::null())
+/// Starts `cmd` (hearth-vmm, from [`vmm`]) with its output captured for [`wait`].
+pub fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn hearth-vmm");
-    wait(child)
+        .expect("spawn hearth-vmm")
+}
+
+/// Runs hearth-vmm with `args` to the end.
+pub fn run(args: &[&str]) -> Run {
+    wait(spawn(vmm().args(args)))
 }
 
 /// Polls `cond` every 20 ms until it holds or the deadline passes.
