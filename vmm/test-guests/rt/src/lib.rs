@@ -12,6 +12,9 @@
 //! - [`cpu`]: CPUID, MSRs, control registers.
 //! - [`virtio`]: a HAL for the `virtio-drivers` crate, device discovery from the command line.
 //! - [`heap`]: a bump allocator (virtio-drivers' vsock driver needs `alloc`).
+//! - [`report`]: check results in the lines the host-side tests look for.
+//!
+//! The crate also holds the guests' panic handler (report on COM1, then reset).
 
 #![no_std]
 #![deny(missing_docs)]
@@ -23,6 +26,7 @@ pub mod cpu;
 pub mod exit;
 pub mod heap;
 pub mod io;
+pub mod report;
 pub mod serial;
 pub mod virtio;
 
@@ -33,8 +37,10 @@ pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
 /// The value that marks "guest reached this point" on the boot timer.
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 
-/// Reports a panic on the serial port and resets the VM, so a failing guest ends its VMM.
-pub fn panic(info: &core::panic::PanicInfo) -> ! {
+/// Every guest's panic handler: reports the panic on the serial port and resets the VM, so a
+/// failing guest ends its VMM.
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
     use core::fmt::Write as _;
     let mut out = serial::Serial::com1();
     let _ = writeln!(out, "GUEST PANIC: {info}");

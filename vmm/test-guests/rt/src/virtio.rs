@@ -6,6 +6,7 @@ use core::ptr::NonNull;
 
 use virtio_drivers::{
     BufferDirection, Hal, PhysAddr, Result,
+    device::socket::{VirtIOSocket, VsockConnectionManager},
     transport::{
         DeviceStatus, DeviceType, InterruptStatus, Transport,
         mmio::{MmioTransport, VirtIOHeader},
@@ -122,4 +123,16 @@ pub fn find(bp: &BootParams, ty: DeviceType) -> impl Iterator<Item = GuestTransp
         let t = unsafe { MmioTransport::new(hdr, 0x1000) }.ok()?;
         (t.device_type() == ty).then_some(Stepwise(t))
     })
+}
+
+/// The first vsock device, initialised, behind a connection manager; the error says which step
+/// failed.
+pub fn vsock(
+    bp: &BootParams,
+) -> core::result::Result<VsockConnectionManager<IdHal, GuestTransport>, &'static str> {
+    let t = find(bp, DeviceType::Socket)
+        .next()
+        .ok_or("no vsock device")?;
+    let sock = VirtIOSocket::<IdHal, _>::new(t).map_err(|_| "vsock init failed")?;
+    Ok(VsockConnectionManager::new(sock))
 }

@@ -6,22 +6,7 @@
 #![no_std]
 #![no_main]
 
-use guest_rt::{boot::BootParams, cpu, exit, println};
-
-struct Checker {
-    failures: u32,
-}
-
-impl Checker {
-    fn check(&mut self, name: &str, ok: bool, detail: core::fmt::Arguments) {
-        if ok {
-            println!("boot_check: ok {name}");
-        } else {
-            self.failures += 1;
-            println!("boot_check: FAIL {name}: {detail}");
-        }
-    }
-}
+use guest_rt::{boot::BootParams, cpu, exit, println, report::Checks};
 
 fn sum(addr: u64, len: usize) -> u8 {
     // SAFETY: called on the MP table the VMM wrote in the EBDA (identity-mapped RAM).
@@ -43,7 +28,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
     // SAFETY: the VMM passes the zero page in RSI.
     let bp = unsafe { BootParams::new(rsi as *const u8) };
-    let mut c = Checker { failures: 0 };
+    let mut c = Checks::new("boot_check");
     let vcpus: u32 = bp
         .param("boot_check.vcpus")
         .and_then(|v| v.parse().ok())
@@ -53,12 +38,12 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         .and_then(|v| v.parse().ok())
         .unwrap_or(128);
 
-    c.check(
+    c.check_with(
         "entry_registers",
         rsi == 0x7000 && rsp < 0x8ff0 && rsp > 0x8000,
         format_args!("rsi={rsi:#x} rsp={rsp:#x}"),
     );
-    c.check(
+    c.check_with(
         "zero_page",
         bp.u16_at(0x1fe) == 0xaa55 && bp.u32_at(0x202) == 0x5372_6448 && bp.byte(0x210) == 0xff,
         format_args!(
@@ -69,7 +54,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         ),
     );
     let cmdline = bp.cmdline();
-    c.check(
+    c.check_with(
         "cmdline",
         cmdline.contains("hearth.test=boot_check"),
         format_args!("{cmdline:?}"),
@@ -80,7 +65,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let (image, size) = (bp.u32_at(0x218), bp.u32_at(0x21c));
         // SAFETY: the VMM loaded the initrd at `image`, identity-mapped RAM.
         let head = unsafe { core::ptr::read_unaligned(image as usize as *const [u8; 8]) };
-        c.check(
+        c.check_with(
             "initrd",
             size > 0 && image % 4096 == 0 && &head == b"HEARTHRD",
             format_args!("image={image:#x} size={size} head={head:?}"),
@@ -94,17 +79,17 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     let ok = matches!(first, Some(e) if e.addr == 0 && e.size == 0x9fc00 && e.kind == 1)
         && matches!(second, Some(e) if e.addr == 0x10_0000 && e.addr + e.size == mem_end && e.kind == 1)
         && e820.next().is_none();
-    c.check("e820", ok, format_args!("{first:?} {second:?}"));
+    c.check_with("e820", ok, format_args!("{first:?} {second:?}"));
 
     let (_, ebx, ecx, _) = cpu::cpuid(1, 0);
-    c.check(
+    c.check_with(
         "cpuid_1",
         ecx & (1 << 31) != 0 && (ebx >> 16) & 0xff == vcpus && ebx >> 24 == 0,
         format_args!("ebx={ebx:#x} ecx={ecx:#x}"),
     );
     let (a0, b0, c0, d0) = cpu::cpuid(0xb, 0);
     let (a1, b1, c1, d1) = cpu::cpuid(0xb, 1);
-    c.check(
+    c.check_with(
         "cpuid_b",
         b0 == 1
             && (c0 >> 8) & 0xff == 1
@@ -119,7 +104,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     sig[0..4].copy_from_slice(&hb.to_le_bytes());
     sig[4..8].copy_from_slice(&hc.to_le_bytes());
     sig[8..12].copy_from_slice(&hd.to_le_bytes());
-    c.check(
+    c.check_with(
         "cpuid_hypervisor",
         &sig == b"KVMKVMKVM\0\0\0" && ha >= 0x4000_0001,
         format_args!("eax={ha:#x} sig={sig:?}"),
@@ -158,7 +143,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             at += 8;
         }
     }
-    c.check(
+    c.check_with(
         "mptable",
         sig_ok
             && sum(fp, 16) == 0
@@ -178,7 +163,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             cpu::rdmsr(0x174),
         )
     };
-    c.check(
+    c.check_with(
         "msrs",
         efer & 0x500 == 0x500 && mtrr == 0x806 && misc & 1 == 1 && sysenter_cs == 0,
         format_args!("efer={efer:#x} mtrr_def_type={mtrr:#x} misc_enable={misc:#x} sysenter_cs={sysenter_cs:#x}"),
@@ -192,7 +177,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let pdpte = cpu::read_phys_u64((pml4e & !0xfff) + 3 * 8);
         cpu::read_phys_u64(pdpte & !0xfff)
     };
-    c.check(
+    c.check_with(
         "paging",
         cr0 & 0x8000_0001 == 0x8000_0001
             && cr4 & 0x20 != 0
@@ -202,18 +187,13 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         format_args!("cr0={cr0:#x} cr3={cr3:#x} cr4={cr4:#x} boot_timer_pde={pde:#x}"),
     );
     let (limit, base) = cpu::sgdt();
-    c.check(
+    c.check_with(
         "gdt",
         base == 0x500 && limit == 31 && cpu::cs() == 0x8,
         format_args!("base={base:#x} limit={limit} cs={:#x}", cpu::cs()),
     );
 
     exit::boot_timer();
-    println!("boot_check: done failures={}", c.failures);
+    c.done();
     exit::reset()
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
 }

@@ -48,8 +48,3 @@ pub extern "C" fn _start() -> ! {
     Serial::com1().write_bytes(b"boot_timer guest: up\n");
     exit::reset()
 }
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
-}

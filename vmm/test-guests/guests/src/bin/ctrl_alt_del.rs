@@ -26,8 +26,3 @@ pub extern "C" fn _start() -> ! {
         prev = code;
     }
 }
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
-}

@@ -11,13 +11,8 @@
 use guest_rt::{
     boot::BootParams,
     exit, println,
-    virtio::{IdHal, find},
-    virtio_drivers::{
-        device::socket::{
-            VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
-        },
-        transport::DeviceType,
-    },
+    virtio::vsock,
+    virtio_drivers::device::socket::{VMADDR_CID_HOST, VsockAddr, VsockEventType},
 };
 
 /// Appends a protobuf varint.
@@ -71,15 +66,13 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     exit::boot_timer();
     let instance = bp.param("hearth.instance").unwrap_or("");
     let instance = &instance[..instance.len().min(256)];
-    let Some(t) = find(&bp, DeviceType::Socket).next() else {
-        println!("init_hello: no vsock device");
-        exit::reset()
+    let mut mgr = match vsock(&bp) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("init_hello: {e}");
+            exit::reset()
+        }
     };
-    let Ok(sock) = VirtIOSocket::<IdHal, _>::new(t) else {
-        println!("init_hello: vsock init failed");
-        exit::reset()
-    };
-    let mut mgr = VsockConnectionManager::new(sock);
     let host = VsockAddr {
         cid: VMADDR_CID_HOST,
         port: 1024,
@@ -114,9 +107,4 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             Err(_) => {}
         }
     }
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
 }

@@ -8,7 +8,8 @@
 
 use guest_rt::{
     boot::BootParams,
-    exit, println,
+    exit,
+    report::Checks,
     virtio::{IdHal, find},
     virtio_drivers::{device::blk::VirtIOBlk, transport::DeviceType},
 };
@@ -19,29 +20,21 @@ use guest_rt::{
 pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     // SAFETY: the VMM passes the zero page in RSI.
     let bp = unsafe { BootParams::new(rsi as *const u8) };
-    let mut failures = 0u32;
-    let mut check = |what: &str, ok: bool| {
-        if ok {
-            println!("blk: ok {what}");
-        } else {
-            failures += 1;
-            println!("blk: FAIL {what}");
-        }
-    };
+    let mut c = Checks::new("blk");
     let mut disks = 0;
     for (n, t) in find(&bp, DeviceType::Block).enumerate() {
         disks += 1;
         let mut blk = match VirtIOBlk::<IdHal, _>::new(t) {
             Ok(b) => b,
             Err(_) => {
-                check("init", false);
+                c.check("init", false);
                 continue;
             }
         };
         let mut sector = [0u8; 512];
         let read = blk.read_blocks(0, &mut sector).is_ok();
         let tag = [b'H', b'E', b'A', b'R', b'T', b'H', b'D', b'0' + n as u8];
-        check(
+        c.check(
             if n == 0 {
                 "disk0 read sector 0"
             } else {
@@ -52,12 +45,12 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let mut id = [0u8; 20];
         let id_len = blk.device_id(&mut id).unwrap_or(0);
         let want: &[u8] = if n == 0 { b"scratch" } else { b"rootfs" };
-        check(
+        c.check(
             if n == 0 { "disk0 id" } else { "disk1 id" },
             &id[..id_len] == want,
         );
         let past_end = blk.capacity() as usize;
-        check(
+        c.check(
             if n == 0 {
                 "disk0 read past end fails"
             } else {
@@ -68,27 +61,22 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         let mut data = [0x5au8; 512];
         data[..11].copy_from_slice(b"GUEST-WROTE");
         if n == 0 {
-            check("disk0 is writable", !blk.readonly());
-            check("disk0 write sector 1", blk.write_blocks(1, &data).is_ok());
-            check("disk0 flush", blk.flush().is_ok());
+            c.check("disk0 is writable", !blk.readonly());
+            c.check("disk0 write sector 1", blk.write_blocks(1, &data).is_ok());
+            c.check("disk0 flush", blk.flush().is_ok());
             let mut back = [0u8; 512];
-            check(
+            c.check(
                 "disk0 read back",
                 blk.read_blocks(1, &mut back).is_ok() && back == data,
             );
         } else {
-            check("disk1 is read-only", blk.readonly());
-            check("disk1 write fails", blk.write_blocks(1, &data).is_err());
+            c.check("disk1 is read-only", blk.readonly());
+            c.check("disk1 write fails", blk.write_blocks(1, &data).is_err());
         }
         // Dropping the driver would reset the queues and spin; the VM ends here anyway.
         core::mem::forget(blk);
     }
-    check("two disks", disks == 2);
-    println!("blk: done failures={failures}");
+    c.check("two disks", disks == 2);
+    c.done();
     exit::reset()
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
 }

@@ -87,8 +87,3 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     core::mem::forget(net);
     exit::reset()
 }
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
-}

@@ -11,12 +11,10 @@
 use guest_rt::{
     boot::BootParams,
     exit, println,
-    virtio::{IdHal, find},
-    virtio_drivers::{
-        device::socket::{
-            VMADDR_CID_HOST, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
-        },
-        transport::DeviceType,
+    report::Checks,
+    virtio::vsock,
+    virtio_drivers::device::socket::{
+        VMADDR_CID_HOST, VsockAddr, VsockConnectionManager, VsockEventType,
     },
 };
 
@@ -28,35 +26,27 @@ const MAX_POLLS: u32 = 3_000_000;
 pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     // SAFETY: the VMM passes the zero page in RSI.
     let bp = unsafe { BootParams::new(rsi as *const u8) };
-    let Some(t) = find(&bp, DeviceType::Socket).next() else {
-        println!("vsock: FAIL no device");
-        exit::reset()
+    let mut mgr = match vsock(&bp) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("vsock: FAIL {e}");
+            exit::reset()
+        }
     };
-    let Ok(sock) = VirtIOSocket::<IdHal, _>::new(t) else {
-        println!("vsock: FAIL init");
-        exit::reset()
-    };
-    let mut mgr = VsockConnectionManager::new(sock);
     println!("vsock: guest cid {}", mgr.guest_cid());
-    let mut failures = 0;
+    let mut c = Checks::new("vsock");
 
     let host = VsockAddr {
         cid: VMADDR_CID_HOST,
         port: 1025,
     };
     let local = 40_000;
-    let mut step = |name: &str, ok: bool| {
-        println!("vsock: {} {name}", if ok { "ok" } else { "FAIL" });
-        if !ok {
-            failures += 1;
-        }
-    };
 
     let connected = mgr.connect(host, local).is_ok()
         && wait(&mut mgr, |e| matches!(e, VsockEventType::Connected));
-    step("connect to host port 1025", connected);
+    c.check("connect to host port 1025", connected);
     let sent = connected && mgr.send(host, local, b"ping-from-guest").is_ok();
-    step("send to host", sent);
+    c.check("send to host", sent);
     let mut buf = [0u8; 64];
     let got = sent && wait(&mut mgr, |e| matches!(e, VsockEventType::Received { .. }));
     let n = if got {
@@ -64,7 +54,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
     } else {
         0
     };
-    step("receive from host", &buf[..n] == b"pong-from-host");
+    c.check("receive from host", &buf[..n] == b"pong-from-host");
 
     mgr.listen(5000);
     println!("vsock: listening on 5000");
@@ -77,7 +67,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             break;
         }
     }
-    step("accept host connection", peer.is_some());
+    c.check("accept host connection", peer.is_some());
     if let Some(peer) = peer {
         let got = wait(&mut mgr, |e| matches!(e, VsockEventType::Received { .. }));
         let n = if got {
@@ -85,11 +75,11 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
         } else {
             0
         };
-        step(
+        c.check(
             "receive on accepted connection",
             &buf[..n] == b"hello-guest",
         );
-        step(
+        c.check(
             "send on accepted connection",
             mgr.send(peer, 5000, b"hello-host").is_ok(),
         );
@@ -98,7 +88,7 @@ pub extern "C" fn _start(_rdi: u64, rsi: u64) -> ! {
             let _ = mgr.poll();
         }
     }
-    println!("vsock: done failures={failures}");
+    c.done();
     core::mem::forget(mgr);
     exit::reset()
 }
@@ -118,9 +108,4 @@ fn wait<H: guest_rt::virtio_drivers::Hal, T: guest_rt::virtio_drivers::transport
         }
     }
     false
-}
-
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    guest_rt::panic(info)
 }
