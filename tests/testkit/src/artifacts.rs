@@ -45,7 +45,9 @@ pub fn artifacts_dir() -> PathBuf {
     target_dir().join("hearth-artifacts")
 }
 
-fn cargo() -> Command {
+/// A `cargo` command for a nested build: the outer cargo's target dir, flags and target are
+/// removed so the nested build uses its own (see [`artifacts_dir`]).
+pub fn nested_cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     // The outer cargo's settings must not leak into the nested build.
     for var in [
@@ -89,7 +91,7 @@ fn once(key: &str, build: impl FnOnce() -> PathBuf) -> PathBuf {
 pub fn hearth_init() -> PathBuf {
     once("hearth-init", || {
         let target_dir = artifacts_dir().join("musl");
-        let mut cmd = cargo();
+        let mut cmd = nested_cargo();
         cmd.current_dir(workspace_root())
             .args([
                 "build",
@@ -112,7 +114,7 @@ pub fn test_guest(name: &str) -> PathBuf {
     once(&format!("guest:{name}"), || {
         let dir = workspace_root().join("vmm/test-guests");
         let target_dir = artifacts_dir().join("guests");
-        let mut cmd = cargo();
+        let mut cmd = nested_cargo();
         cmd.current_dir(&dir)
             .args(["build", "--quiet", "--release", "--target-dir"])
             .arg(&target_dir);
@@ -126,7 +128,7 @@ pub fn test_guest(name: &str) -> PathBuf {
 pub fn host_bin(package: &str, bin: &str) -> PathBuf {
     once(&format!("bin:{package}:{bin}"), || {
         let target_dir = artifacts_dir().join("host");
-        let mut cmd = cargo();
+        let mut cmd = nested_cargo();
         cmd.current_dir(workspace_root())
             .args([
                 "build",

@@ -54,15 +54,7 @@ const MAX_ADDED_US: f64 = 2.0;
 
 fn build_tool() -> anyhow::Result<PathBuf> {
     let target_dir = hearth_testkit::artifacts::artifacts_dir().join("host");
-    let mut cmd = util::cargo();
-    for var in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = hearth_testkit::artifacts::nested_cargo();
     cmd.current_dir(util::root())
         .args(["build", "--quiet", "--package", "hearth-agent"])
         .args(["--example", "ebpf_tool", "--target-dir"])
