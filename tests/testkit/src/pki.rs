@@ -70,26 +70,32 @@ fn finish(dir: &Path, name: &str) -> KeyPair {
 
 /// A self-signed ECDSA P-256 certificate named `name` in `dir` (files `<name>.crt`, …).
 pub fn self_signed(dir: &Path, name: &str, common_name: &str) -> KeyPair {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={common_name}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    );
+    self_signed_with(dir, name, common_name, &[])
+}
+
+/// `self_signed` with extra `openssl req` arguments (extensions).
+fn self_signed_with(dir: &Path, name: &str, common_name: &str, extra: &[&str]) -> KeyPair {
+    let subject = format!("/CN={common_name}");
+    let (key, cert) = (format!("{name}.key"), format!("{name}.crt"));
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+        "-keyout",
+        &key,
+        "-out",
+        &cert,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
     finish(dir, name)
 }
 
@@ -104,33 +110,20 @@ pub struct TestCa {
 impl TestCa {
     /// Creates a CA in `dir` (files `ca.crt`, `ca.key`, …).
     pub fn new(dir: &Path) -> Self {
-        openssl(
+        let ca = self_signed_with(
             dir,
+            "ca",
+            "Hearth Test CA",
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=Hearth Test CA",
                 "-addext",
                 "basicConstraints=critical,CA:TRUE",
                 "-addext",
                 "keyUsage=critical,keyCertSign,cRLSign",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
             ],
         );
         Self {
             dir: dir.to_owned(),
-            ca: finish(dir, "ca"),
+            ca,
         }
     }
 
