@@ -34,6 +34,7 @@ use crate::{
     reference::Reference,
     registry::{RegistryClient, RegistryError},
     rootfs::{self, RootfsError},
+    staging::{self, Area, Staging},
     store::{self, BlobStore, StoreError},
     sys,
     unpack::{self, UnpackError, UnpackOptions},
@@ -282,6 +283,7 @@ struct Inner {
     tmp: PathBuf,
     images_dir: PathBuf,
     blobs: BlobStore,
+    staging: Staging,
     index: Index,
     state: Mutex<State>,
     clients: Mutex<HashMap<String, Arc<RegistryClient>>>,
@@ -413,16 +415,33 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// Removes a build directory when a pull ends, in the background (it can be large).
-struct BuildDir(PathBuf);
+/// Removes a build's directories when a pull ends, in the background (they can be large).
+struct BuildDir(Vec<PathBuf>);
 
 impl Drop for BuildDir {
     fn drop(&mut self) {
-        let dir = std::mem::take(&mut self.0);
+        let dirs = std::mem::take(&mut self.0);
         std::thread::spawn(move || {
-            let _ = fs::remove_dir_all(dir);
+            for dir in dirs {
+                let _ = fs::remove_dir_all(dir);
+            }
         });
     }
+}
+
+/// Whether `e` comes from a full file system.
+fn no_space(e: &PullError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && (io.raw_os_error() == Some(libc::ENOSPC)
+                || io.kind() == std::io::ErrorKind::StorageFull)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Reports progress for the layers of one pull.
@@ -557,6 +576,7 @@ impl ImageCache {
         let images_dir = root.join("images");
         fs::create_dir_all(&images_dir).map_err(io("create", &images_dir))?;
         let blobs = BlobStore::open(&root, &tmp)?;
+        let staging = Staging::open(&config, &root, &tmp);
         let index = Index::open(&root.join("index.redb"))?;
 
         let (records, refs) = index.load()?;
@@ -611,6 +631,7 @@ impl ImageCache {
                 tmp,
                 images_dir,
                 blobs,
+                staging,
                 index,
                 state: Mutex::new(state),
                 clients: Mutex::new(HashMap::new()),
@@ -1111,24 +1132,8 @@ impl ImageCache {
             tracing::warn!(image = %key, "config has no usable diff_ids; uncompressed layers are not checked");
         }
 
-        let build = BuildDir(inner.tmp.join(store::temp_name(&format!(
-            "build-{}",
-            &manifest_digest.hex()[..12]
-        ))));
-        let tree = build.0.join("rootfs");
-        let out_dir = build.0.join("image");
-        for dir in [&tree, &out_dir] {
-            fs::create_dir_all(dir).map_err(|source| PullError::Io {
-                what: "create",
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        let options = UnpackOptions::default();
-        let n = manifest.layers.len();
-        let mut layer_records = Vec::with_capacity(n);
-        for (i, (layer, rx)) in manifest.layers.iter().zip(layer_rxs).enumerate() {
-            tracker.drive(wait_done(&layer.digest, rx)).await?;
+        let mut layer_records = Vec::with_capacity(manifest.layers.len());
+        for layer in &manifest.layers {
             let compression =
                 Compression::from_media_type(&layer.media_type).map_err(|source| {
                     PullError::Manifest {
@@ -1141,30 +1146,68 @@ impl ImageCache {
                 size: layer.size as u64,
                 compression,
             });
-            progress(PullEvent::Unpacking {
-                layer: i,
-                layers: n,
-            });
-            let blob = inner.blobs.path(&layer.digest);
-            let diff_id = diff_ids.as_ref().map(|d| d[i].clone());
-            let root = tree.clone();
-            tracker
-                .drive(blocking(move || {
-                    unpack::apply_layer_blob(&root, &blob, compression, diff_id.as_ref(), options)
-                }))
-                .await?
-                .map_err(|source| PullError::Unpack {
-                    layer: i,
-                    digest: layer.digest.clone(),
-                    source,
-                })?;
         }
+        let chains = diff_ids.as_deref().map(staging::chain_ids);
+        // Gzip'd file systems are rarely more than 4 times smaller.
+        let estimate = manifest
+            .layers
+            .iter()
+            .map(|l| l.size.max(0) as u64)
+            .sum::<u64>()
+            .saturating_mul(4);
+
+        let name = store::temp_name(&format!("build-{}", &manifest_digest.hex()[..12]));
+        let out_build = inner.tmp.join(&name);
+        let out_dir = out_build.join("image");
+        fs::create_dir_all(&out_dir).map_err(|source| PullError::Io {
+            what: "create",
+            path: out_dir.clone(),
+            source,
+        })?;
+        let mut build = BuildDir(vec![out_build]);
+        let mut area = inner.staging.area(estimate);
+        let (tree, tree_bytes) = loop {
+            let stage = area.dir().join(&name);
+            build.0.push(stage.clone());
+            let tree = stage.join("rootfs");
+            fs::create_dir_all(&tree).map_err(|source| PullError::Io {
+                what: "create",
+                path: tree.clone(),
+                source,
+            })?;
+            let unpacked = self
+                .unpack_layers(
+                    &mut tracker,
+                    &manifest.layers,
+                    &layer_rxs,
+                    &layer_records,
+                    diff_ids.as_deref(),
+                    chains.as_deref(),
+                    area,
+                    &tree,
+                    progress,
+                )
+                .await;
+            match unpacked {
+                Ok(bytes) => break (tree, bytes),
+                Err(e) if area.is_tmpfs() && no_space(&e) => {
+                    tracing::warn!(image = %key, "the staging tmpfs is full; unpacking on disk");
+                    area = inner.staging.disk();
+                }
+                Err(e) => return Err(e),
+            }
+        };
 
         progress(PullEvent::BuildingRootfs);
         let format = inner.config.rootfs_format;
         let rootfs_file = out_dir.join(format.file_name());
         let (t, f) = (tree.clone(), rootfs_file.clone());
         let rootfs_size = blocking(move || rootfs::build(&t, &f, format)).await??;
+        if let Some(chain) = chains.as_ref().and_then(|c| c.last())
+            && area.keep(&tree, chain, tree_bytes)
+        {
+            tracing::debug!(image = %key, "unpacked tree kept for images on the same layers");
+        }
         let config_json = serde_json::to_vec_pretty(&config).expect("config serializes");
         let io = |what, path: &Path| {
             let path = path.to_owned();
@@ -1240,6 +1283,78 @@ impl ImageCache {
         });
         tracing::info!(image = %key, digest = %manifest_digest, "image cached");
         Ok(self.get(manifest_digest).expect("just recorded"))
+    }
+
+    /// Fills `tree` with the image's layers: clones the longest kept tree of a prefix of its
+    /// layer chain, then applies the remaining layers in order as their downloads finish.
+    /// Waits for every layer's download (the image record needs them all). Returns the tree's
+    /// apparent size in bytes.
+    #[allow(clippy::too_many_arguments)]
+    async fn unpack_layers(
+        &self,
+        tracker: &mut Tracker<'_>,
+        layers: &[Descriptor],
+        rxs: &[watch::Receiver<FetchState>],
+        records: &[LayerRecord],
+        diff_ids: Option<&[Digest]>,
+        chains: Option<&[Digest]>,
+        area: &Area,
+        tree: &Path,
+        progress: &(dyn Fn(PullEvent) + Send + Sync),
+    ) -> Result<u64, PullError> {
+        let options = UnpackOptions::default();
+        let n = layers.len();
+        let mut start = 0;
+        let mut bytes = 0;
+        if let Some((last, kept)) = chains.and_then(|c| area.find(c)) {
+            let (src, dst) = (kept.path.clone(), tree.to_owned());
+            let cloned = tracker
+                .drive(blocking(move || {
+                    staging::clone_tree(&src, &dst, options.preserve_ownership)
+                }))
+                .await?
+                .map_err(|source| PullError::Io {
+                    what: "clone the kept layer tree into",
+                    path: tree.to_owned(),
+                    source,
+                })?;
+            tracing::debug!(
+                layers = last + 1,
+                entries = cloned,
+                "reused the unpacked tree of the base layers"
+            );
+            start = last + 1;
+            bytes = kept.bytes;
+        }
+        for i in start..n {
+            let layer = &layers[i];
+            tracker
+                .drive(wait_done(&layer.digest, rxs[i].clone()))
+                .await?;
+            progress(PullEvent::Unpacking {
+                layer: i,
+                layers: n,
+            });
+            let blob = self.inner.blobs.path(&layer.digest);
+            let diff_id = diff_ids.map(|d| d[i].clone());
+            let compression = records[i].compression;
+            let root = tree.to_owned();
+            let stats = tracker
+                .drive(blocking(move || {
+                    unpack::apply_layer_blob(&root, &blob, compression, diff_id.as_ref(), options)
+                }))
+                .await?
+                .map_err(|source| PullError::Unpack {
+                    layer: i,
+                    digest: layer.digest.clone(),
+                    source,
+                })?;
+            bytes += stats.bytes;
+        }
+        for (layer, rx) in layers.iter().zip(rxs).take(start) {
+            tracker.drive(wait_done(&layer.digest, rx.clone())).await?;
+        }
+        Ok(bytes)
     }
 
     /// The shared download of a blob: joins one in progress, reports a stored blob as done,

@@ -31,6 +31,23 @@ pub struct CacheConfig {
     /// Per-registry settings, keyed by `host[:port]` as written in references.
     #[serde(default)]
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// A tmpfs to unpack layers in before mkfs (the cache's own subdirectory of it, cleared
+    /// when the cache opens and closes). The unpacked tree only lives until mkfs has read it,
+    /// and thousands of files on a disk file system cost inode allocation and writeback. Used
+    /// when it is a tmpfs and the image's estimated unpacked size (4 × compressed) fits
+    /// `staging_tmpfs_max_bytes`, the tmpfs's free space and half the available memory;
+    /// otherwise, and when it fills up during a pull, layers are unpacked in the cache's
+    /// `tmp/`. `null` always uses `tmp/`. Default: `/dev/shm`.
+    #[serde(default = "default_staging_tmpfs")]
+    pub staging_tmpfs: Option<PathBuf>,
+    /// Largest estimated unpacked image staged on the tmpfs. Default: 4 GiB.
+    #[serde(default = "default_staging_tmpfs_max_bytes")]
+    pub staging_tmpfs_max_bytes: u64,
+    /// Bytes of unpacked layer-chain trees kept (next to the staging trees, so on the tmpfs
+    /// when that is used) for later pulls of images that share those base layers;
+    /// least recently used go first; `0` keeps none. Default: 1 GiB.
+    #[serde(default = "default_layer_tree_cache_bytes")]
+    pub layer_tree_cache_bytes: u64,
 }
 
 /// Settings for one registry.
@@ -100,6 +117,15 @@ fn default_backoff() -> Duration {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_staging_tmpfs() -> Option<PathBuf> {
+    Some(PathBuf::from("/dev/shm"))
+}
+fn default_staging_tmpfs_max_bytes() -> u64 {
+    4 << 30
+}
+fn default_layer_tree_cache_bytes() -> u64 {
+    1 << 30
+}
 
 impl CacheConfig {
     /// A configuration with every default, rooted at `root`.
@@ -113,6 +139,9 @@ impl CacheConfig {
             backoff: default_backoff(),
             connect_timeout: default_connect_timeout(),
             registries: BTreeMap::new(),
+            staging_tmpfs: default_staging_tmpfs(),
+            staging_tmpfs_max_bytes: default_staging_tmpfs_max_bytes(),
+            layer_tree_cache_bytes: default_layer_tree_cache_bytes(),
         }
     }
 
@@ -146,6 +175,12 @@ mod tests {
         let c: CacheConfig = serde_json::from_str(r#"{"root":"/var/lib/hearth/images"}"#).unwrap();
         assert_eq!(c.concurrent_layers, 4);
         assert_eq!(c.rootfs_format, RootfsFormat::Erofs);
+        assert_eq!(
+            c.staging_tmpfs.as_deref(),
+            Some(std::path::Path::new("/dev/shm"))
+        );
+        let c: CacheConfig = serde_json::from_str(r#"{"root":"/x","staging_tmpfs":null}"#).unwrap();
+        assert_eq!(c.staging_tmpfs, None);
         assert!(serde_json::from_str::<CacheConfig>(r#"{"root":"/x","bogus":1}"#).is_err());
         let creds = Credentials {
             username: "u".into(),

@@ -19,6 +19,9 @@
 //! - [`unpack`]: applying layer tarballs (whiteouts, links, ownership, xattrs; rejects
 //!   traversal and device nodes; fuzzed).
 //! - [`rootfs`]: `mkfs.erofs` / `mkfs.ext4 -d` block images.
+//! - `staging`: where layers are unpacked before mkfs (a tmpfs when it has room, else `tmp/`)
+//!   and the unpacked layer-chain trees kept there, cloned as hard-link farms by later pulls
+//!   of images on the same base layers.
 //! - [`index`]: the embedded (redb) index of cached images.
 //! - [`evict`]: the eviction policy (pure planning).
 //! - [`progress`]: pull progress events.
@@ -28,7 +31,14 @@
 //!
 //! `lock` (flock: one owner), `index.redb`, `blobs/sha256/<hex>`,
 //! `images/<manifest hex>/{rootfs.erofs|rootfs.ext4, config.json}`, `tmp/` (moved aside to
-//! `tmp.old-*` and deleted in the background on open).
+//! `tmp.old-*` and deleted in the background on open; holds blob temp files, builds, and the
+//! staging trees and kept layer-chain trees `tmp/trees/<chain id hex>` when not on a tmpfs).
+//!
+//! On the staging tmpfs (`CacheConfig::staging_tmpfs`, default `/dev/shm`):
+//! `hearth-images-<16 hex of the cache root's hash>/{root, build-*/rootfs, trees/<chain id hex>}`,
+//! emptied when the cache opens, removed when it closes, and removed by any cache that opens
+//! once the root named in its `root` file is gone. Nothing there needs to survive a crash:
+//! only the rootfs image (fsync, then rename of its directory) and the index make an image.
 
 #![deny(missing_docs)]
 
@@ -42,6 +52,7 @@ pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod rootfs;
+mod staging;
 pub mod store;
 mod sys;
 pub mod unpack;

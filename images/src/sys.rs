@@ -78,3 +78,65 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Whether `path` is on a tmpfs, and the bytes free there for an unprivileged writer.
+pub fn tmpfs_space(path: &Path) -> io::Result<(bool, u64)> {
+    let p = cstr(path)?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `p` is NUL-terminated and `st` is a valid, writable statfs; both outlive the call.
+    let rc = unsafe { libc::statfs(p.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tmpfs = st.f_type == libc::TMPFS_MAGIC;
+    Ok((tmpfs, st.f_bavail as u64 * st.f_bsize as u64))
+}
+
+/// The names of the extended attributes of `path` itself (never following a symlink).
+pub fn llistxattr(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let p = cstr(path)?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `p` is NUL-terminated; `buf` is writable for `buf.len()` bytes; both outlive
+        // the call.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf
+                .split(|b| *b == 0)
+                .filter(|s| !s.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The value of extended attribute `name` of `path` itself (never following a symlink).
+pub fn lgetxattr(path: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
+    let p = cstr(path)?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: both strings are NUL-terminated; `buf` is writable for `buf.len()` bytes;
+        // all outlive the call.
+        let len =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if len >= 0 {
+            buf.truncate(len as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
