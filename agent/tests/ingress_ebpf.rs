@@ -15,8 +15,7 @@ use hearth_agent::ebpf::{
     Direction, DropReason, Filter, LoadOptions, NodeAddr, PassReason, PinRoot, Policy,
 };
 use hearth_agent::ingress::{Ingress, IngressConfig, Route, Router, StartError, UpstreamProtocol};
-use hearth_agent::net::inside::configure_inside;
-use hearth_agent::net::{AddressPool, NetConfig, NetnsRef, Network};
+use hearth_agent::net::{AddressPool, NetConfig};
 use hearth_testkit::{require, skip};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -73,21 +72,13 @@ fn only_the_proxy_reaches_the_instance_through_the_filter() {
     let inst_ns = Netns::new();
     let bpf = BpfDir::new();
     node.block_on(|| async {
-        let plan = NetConfig {
+        let (plan, net) = net_fixture::node_network(NetConfig {
             subnet: "10.83.0.0/16".parse().unwrap(),
             ..Default::default()
-        }
-        .plan_with_resolv_conf("")
-        .unwrap();
-        let net = Network::connect(plan.clone()).unwrap();
-        net.setup_node().await.unwrap();
+        })
+        .await;
         let inst = AddressPool::new(&plan).allocate("web").unwrap();
-        net.attach_veth(&inst, NetnsRef::Fd(inst_ns.fd()))
-            .await
-            .unwrap();
-        configure_inside(NetnsRef::Fd(inst_ns.fd()), &inst)
-            .await
-            .unwrap();
+        net_fixture::attach_instance(&net, &inst, &inst_ns).await;
         let app = inst_ns.listen(SocketAddr::new(inst.address.into(), HTTP_PORT));
         upstream::serve(TcpListener::from_std(app).unwrap(), "filtered");
 

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hearth_agent::ingress::{Ingress, IngressConfig, Route, Router, StartError, UpstreamProtocol};
-use hearth_agent::net::inside::configure_inside;
-use hearth_agent::net::{AddressPool, NetConfig, NetnsRef, Network};
+use hearth_agent::net::{AddressPool, NetConfig};
 use hearth_testkit::{require, skip};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -72,23 +71,15 @@ fn requests_reach_the_instance_from_the_ingress_address() {
     let node = Netns::new();
     let inst_ns = Netns::new();
     node.block_on(|| async {
-        let plan = NetConfig {
+        let (plan, net) = net_fixture::node_network(NetConfig {
             subnet: "10.82.0.0/16".parse().unwrap(),
             ..Default::default()
-        }
-        .plan_with_resolv_conf("")
-        .unwrap();
-        let net = Network::connect(plan.clone()).unwrap();
-        net.setup_node().await.unwrap();
+        })
+        .await;
         let mut pool = AddressPool::new(&plan);
         let inst = pool.allocate("web").unwrap();
         let gone = pool.allocate("gone").unwrap();
-        net.attach_veth(&inst, NetnsRef::Fd(inst_ns.fd()))
-            .await
-            .unwrap();
-        configure_inside(NetnsRef::Fd(inst_ns.fd()), &inst)
-            .await
-            .unwrap();
+        net_fixture::attach_instance(&net, &inst, &inst_ns).await;
 
         let app = TcpListener::from_std(inst_ns.listen(SocketAddr::new(inst.address.into(), 8080)))
             .unwrap();

@@ -8,8 +8,7 @@ mod net_fixture;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use hearth_agent::net::inside::configure_inside;
-use hearth_agent::net::{AddressPool, NetConfig, NetnsRef, Network};
+use hearth_agent::net::{AddressPool, NetConfig};
 use hearth_testkit::{require, skip};
 use net_fixture::Netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,22 +77,14 @@ fn internet_egress_is_masqueraded_only_while_allowed() {
     node.block_on(|| async {
         let listener = TcpListener::from_std(listener).unwrap();
         let remote = listener.local_addr().unwrap();
-        let plan = NetConfig {
+        let (plan, net) = net_fixture::node_network(NetConfig {
             subnet: "10.80.0.0/16".parse().unwrap(),
             nat_table: "hearth_nat_test".into(),
             ..Default::default()
-        }
-        .plan_with_resolv_conf("")
-        .unwrap();
-        let net = Network::connect(plan.clone()).unwrap();
-        net.setup_node().await.unwrap();
+        })
+        .await;
         let inst = AddressPool::new(&plan).allocate("egress").unwrap();
-        net.attach_veth(&inst, NetnsRef::Fd(inst_ns.fd()))
-            .await
-            .unwrap();
-        configure_inside(NetnsRef::Fd(inst_ns.fd()), &inst)
-            .await
-            .unwrap();
+        net_fixture::attach_instance(&net, &inst, &inst_ns).await;
 
         let forwarding = || std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
         assert_eq!(

@@ -136,3 +136,33 @@ pub async fn eventually<T>(secs: u64, mut check: impl AsyncFnMut() -> Option<T>)
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Sets up a node network from `config` in the calling thread's namespace (call it inside
+/// [`Netns::block_on`]): bridge, addresses and NAT, as the agent does at start.
+pub async fn node_network(
+    config: hearth_agent::net::NetConfig,
+) -> (
+    hearth_agent::net::NodePlan,
+    hearth_agent::net::Network<hearth_agent::net::RtnlOps>,
+) {
+    let plan = config.plan_with_resolv_conf("").unwrap();
+    let net = hearth_agent::net::Network::connect(plan.clone()).unwrap();
+    net.setup_node().await.unwrap();
+    (plan, net)
+}
+
+/// Connects `inst` to the node's bridge with a veth whose far end becomes `eth0` in `inst_ns`,
+/// configured there (address, route) as hearth-init would.
+pub async fn attach_instance(
+    net: &hearth_agent::net::Network<hearth_agent::net::RtnlOps>,
+    inst: &hearth_agent::net::InstanceNet,
+    inst_ns: &Netns,
+) {
+    use hearth_agent::net::NetnsRef;
+    net.attach_veth(inst, NetnsRef::Fd(inst_ns.fd()))
+        .await
+        .unwrap();
+    hearth_agent::net::inside::configure_inside(NetnsRef::Fd(inst_ns.fd()), inst)
+        .await
+        .unwrap();
+}
