@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hearth_agent::{config::RuntimeKind, model::pb};
+use hearth_agent::model::pb;
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -31,13 +31,7 @@ fn taps(prefix: &str) -> Vec<String> {
 async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
     hearth_testkit::require!(hearth_testkit::skip::root(), hearth_testkit::skip::kvm());
     let img = images();
-    let mut env = Env::new(img.registry.clone());
-    env.cfg.runtime = RuntimeKind::Microvm;
-    env.cfg.microvm.vmm_path = hearth_testkit::artifacts::host_bin("hearth-vmm", "hearth-vmm");
-    env.cfg.microvm.kernel = hearth_testkit::artifacts::test_guest("init_hello");
-    // PVM: the no_std guest runs emulated, which is all this test needs.
-    env.cfg.microvm.allow_without_hardware_virtualization = true;
-    env.cfg.lifecycle.kill_margin = Duration::from_secs(2);
+    let env = Env::microvm_test_guest(img.registry.clone(), "init_hello");
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
     let node = c
@@ -58,15 +52,7 @@ async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
         stop_grace_millis: Some(1_000),
         ..Default::default()
     };
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "vm-1".into(),
-        spec: Some(spec),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: "vm-1".into() })
-        .await
-        .unwrap();
+    create_start(&mut c, "vm-1", spec).await;
 
     // The agent sees the guest's Hello arrive over vsock.
     let deadline = tokio::time::Instant::now() + LONG;

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hearth_agent::{config::RuntimeKind, model::pb};
+use hearth_agent::model::pb;
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -25,13 +25,7 @@ fn it() -> pb::InstanceType {
 async fn a_vmm_member_is_claimed_and_gets_its_spec_over_vsock() {
     hearth_testkit::require!(hearth_testkit::skip::root(), hearth_testkit::skip::kvm());
     let img = images();
-    let mut env = Env::new(img.registry.clone());
-    env.cfg.runtime = RuntimeKind::Microvm;
-    env.cfg.microvm.vmm_path = hearth_testkit::artifacts::host_bin("hearth-vmm", "hearth-vmm");
-    env.cfg.microvm.kernel = hearth_testkit::artifacts::test_guest("init_hello");
-    // PVM: the no_std guest runs emulated, which is all this test needs.
-    env.cfg.microvm.allow_without_hardware_virtualization = true;
-    env.cfg.lifecycle.kill_margin = Duration::from_secs(2);
+    let env = Env::microvm_test_guest(img.registry.clone(), "init_hello");
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
 
@@ -56,21 +50,18 @@ async fn a_vmm_member_is_claimed_and_gets_its_spec_over_vsock() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "vm-w".into(),
-        spec: Some(pb::InstanceSpec {
+    create_start(
+        &mut c,
+        "vm-w",
+        pb::InstanceSpec {
             image: img.busybox.clone(),
             instance_type: Some(it()),
             default_port: 8080,
             stop_grace_millis: Some(0),
             ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: "vm-w".into() })
-        .await
-        .unwrap();
+        },
+    )
+    .await;
     let entry = agent
         .daemon
         .as_ref()

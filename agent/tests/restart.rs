@@ -1,5 +1,6 @@
 //! The `hearth-agent` binary killed with SIGKILL mid-run, and stopped with SIGTERM: instances
 //! keep running, the restarted agent re-adopts them, and no instance, event or log line is lost.
+//! Runs with the runtime `HEARTH_TEST_RUNTIME` selects (see `common::runtime`).
 
 mod common;
 
@@ -10,25 +11,13 @@ use hearth_agent::model::pb;
 
 const LONG: Duration = Duration::from_secs(120);
 
-async fn create_start(c: &mut hearth_agent::ctl::Client, id: &str, spec: pb::InstanceSpec) {
-    c.create_instance(pb::CreateInstanceRequest {
-        id: id.into(),
-        spec: Some(spec),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: id.into() })
-        .await
-        .unwrap();
-}
-
 fn count_ticks(text: &str) -> usize {
     text.lines().filter(|l| l.starts_with("tick ")).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_agent_restarts_and_readopts_everything() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let config = env.write_config();
@@ -167,13 +156,10 @@ async fn sigkilled_agent_restarts_and_readopts_everything() {
     drop(agent);
 }
 
-/// The pid of the instance's hearth-init, from the agent's runtime state on disk is not
-/// public; the cgroup tells.
+/// The pid of the instance's hearth-init (sandbox) or hearth-vmm (microvm): the agent's
+/// runtime state on disk is not public; the cgroup tells.
 fn instance_pid(env: &Env, id: &str) -> i32 {
-    let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
-    *layout
-        .instance(id)
-        .pids()
+    *cgroup_pids(env, id)
         .first()
         .unwrap_or_else(|| panic!("no process in the cgroup of {id}"))
 }

@@ -1,9 +1,18 @@
 //! Test support for the agent's end-to-end tests: a real agent (in this process, or the
-//! `hearth-agent` binary) with the sandbox runtime, the real static hearth-init, a real
+//! `hearth-agent` binary) with the runtime [`runtime`] selects (the sandbox with the real
+//! static hearth-init by default; hearth-vmm microVMs on hardware-KVM hosts), a real
 //! `docker-registry` with test images, and cleanup of every instance process and cgroup on
 //! drop — also when the test fails.
+//!
+//! # Layout
+//!
+//! - this file: the agent's environment ([`Env`]), the agent in-process ([`TestAgent`]) or as
+//!   a process ([`AgentProcess`]), the test images, and small API and HTTP helpers;
+//! - [`runtime`]: `HEARTH_TEST_RUNTIME`, and what the microvm mode needs.
 
 #![allow(dead_code)]
+
+pub mod runtime;
 
 use std::{
     path::{Path, PathBuf},
@@ -45,8 +54,32 @@ pub struct Env {
 }
 
 impl Env {
-    /// A config for the sandbox runtime in a temp dir, with `registry` as an insecure registry.
+    /// A config for the suite's runtime ([`runtime::kind`]) in a temp dir, with `registry` as an
+    /// insecure registry. In microvm mode it panics with the reason when this host cannot run
+    /// microVMs: tests check [`runtime::unavailable`] first, to skip with that reason.
     pub fn new(registry: Arc<Registry>) -> Self {
+        let mut env = Self::sandbox(registry);
+        if runtime::microvm() {
+            env.cfg.runtime = RuntimeKind::Microvm;
+            runtime::configure_microvm(&mut env.cfg.microvm);
+        }
+        env
+    }
+
+    /// The microvm runtime with a `no_std` test guest as its kernel (no initramfs): what this
+    /// PVM host can run, emulated, whatever `HEARTH_TEST_RUNTIME` says.
+    pub fn microvm_test_guest(registry: Arc<Registry>, guest: &str) -> Self {
+        let mut env = Self::sandbox(registry);
+        env.cfg.runtime = RuntimeKind::Microvm;
+        env.cfg.microvm.vmm_path = hearth_testkit::artifacts::host_bin("hearth-vmm", "hearth-vmm");
+        env.cfg.microvm.kernel = hearth_testkit::artifacts::test_guest(guest);
+        // PVM: the no_std guest runs emulated, which is all such a test needs.
+        env.cfg.microvm.allow_without_hardware_virtualization = true;
+        env
+    }
+
+    /// A config for the sandbox runtime in a temp dir, with `registry` as an insecure registry.
+    pub fn sandbox(registry: Arc<Registry>) -> Self {
         // Short paths: Unix socket paths are limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("ha")
@@ -211,13 +244,84 @@ pub fn sh_spec(image: &str, script: &str) -> pb::InstanceSpec {
         cmd: Some(pb::Command {
             args: vec!["-c".into(), script.to_owned()],
         }),
-        instance_type: Some(pb::InstanceType {
-            vcpus: 1,
-            memory_mib: 64,
-            disk_mib: 64,
-        }),
+        instance_type: Some(runtime::instance_type(1, 64, 64)),
         ..Default::default()
     }
+}
+
+/// Creates instance `id` with `spec` and starts it (without waiting for it).
+pub async fn create_start(c: &mut Client, id: &str, spec: pb::InstanceSpec) {
+    c.create_instance(pb::CreateInstanceRequest {
+        id: id.into(),
+        spec: Some(spec),
+    })
+    .await
+    .unwrap();
+    c.start_instance(pb::StartInstanceRequest { id: id.into() })
+        .await
+        .unwrap();
+}
+
+/// `sh -c script` in the instance: exit code, and stdout followed by stderr.
+pub async fn exec_sh(c: &mut Client, id: &str, script: &str) -> (i32, String) {
+    let r = c
+        .exec(pb::ExecRequest {
+            id: id.into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout_millis: 20_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
+    )
+}
+
+/// GET / through the ingress for instance `id`: (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, id: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nx-hearth-instance: {id}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The agent's Prometheus text.
+pub async fn prometheus(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The processes in the instance cgroup `name` (an instance id, or a pool member's name):
+/// hearth-init's sandbox, or the hearth-vmm process.
+pub fn cgroup_pids(env: &Env, name: &str) -> Vec<i32> {
+    Layout::host(&env.cfg.cgroup.parent)
+        .unwrap()
+        .instance(name)
+        .pids()
 }
 
 pub fn state(i: &pb::Instance) -> pb::InstanceState {

@@ -1,5 +1,10 @@
-//! The agent end to end with the sandbox runtime: a real registry, the real static hearth-init
-//! as PID 1 in namespaces, real cgroups, the real gRPC API over a Unix socket.
+//! The agent end to end: a real registry, the real gRPC API over a Unix socket, real cgroups,
+//! network and eBPF, and the runtime `HEARTH_TEST_RUNTIME` selects (`common::runtime`): the
+//! sandbox (the real static hearth-init as PID 1 in namespaces; the default, and what this
+//! machine runs), or microvm (hearth-vmm booting the real guest kernel with hearth-init as
+//! `/init`, on hardware-KVM hosts: `cargo xtask e2e` runs it there). Every test here runs in
+//! both modes; where the runtimes differ (how the instance type is enforced), a test checks
+//! each its own way.
 
 mod common;
 
@@ -14,7 +19,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -198,43 +203,9 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
     agent.shutdown().await;
 }
 
-/// GET / through the ingress for instance `id`: (status, body).
-async fn http_get(addr: std::net::SocketAddr, id: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "GET / HTTP/1.1\r\nHost: x\r\nx-hearth-instance: {id}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-async fn prometheus(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_handled_exits_0_and_sigterm_ignored_is_killed_after_grace() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -248,15 +219,7 @@ async fn sigterm_handled_exits_0_and_sigterm_ignored_is_killed_after_grace() {
         "trap '' TERM; echo up; while :; do sleep 0.2; done",
     );
     for (id, spec) in [("polite", polite), ("stubborn", stubborn)] {
-        c.create_instance(pb::CreateInstanceRequest {
-            id: id.into(),
-            spec: Some(spec),
-        })
-        .await
-        .unwrap();
-        c.start_instance(pb::StartInstanceRequest { id: id.into() })
-            .await
-            .unwrap();
+        create_start(&mut c, id, spec).await;
     }
     for id in ["polite", "stubborn"] {
         wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
@@ -307,7 +270,7 @@ async fn sigterm_handled_exits_0_and_sigterm_ignored_is_killed_after_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sleep_after_expiry_emits_activity_expired_then_stops_unless_renewed() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -318,15 +281,7 @@ async fn sleep_after_expiry_emits_activity_expired_then_stops_unless_renewed() {
     let mut notify = sleepy.clone();
     notify.activity_expiry = pb::ActivityExpiry::Notify as i32;
     for (id, spec) in [("sleepy", sleepy), ("notify", notify)] {
-        c.create_instance(pb::CreateInstanceRequest {
-            id: id.into(),
-            spec: Some(spec),
-        })
-        .await
-        .unwrap();
-        c.start_instance(pb::StartInstanceRequest { id: id.into() })
-            .await
-            .unwrap();
+        create_start(&mut c, id, spec).await;
     }
     wait_state(&mut c, "sleepy", &[pb::InstanceState::Healthy], LONG).await;
     // Renewals keep it awake past sleep_after.
@@ -394,7 +349,7 @@ async fn sleep_after_expiry_emits_activity_expired_then_stops_unless_renewed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_change_nothing() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -530,11 +485,14 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_memory_limit_is_stopped_oom_137() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
+    let it = runtime::instance_type(1, 32, 16);
+    // One buffer four times the instance's memory: more than any limit lets it hold.
+    let block = format!("bs={}M", 4 * it.memory_mib);
     let spec = pb::InstanceSpec {
         image: img.busybox.clone(),
         entrypoint: Some(pb::Command {
@@ -545,26 +503,14 @@ async fn over_the_memory_limit_is_stopped_oom_137() {
                 "dd".into(),
                 "if=/dev/zero".into(),
                 "of=/dev/null".into(),
-                "bs=128M".into(),
+                block,
                 "count=4".into(),
             ],
         }),
-        instance_type: Some(pb::InstanceType {
-            vcpus: 1,
-            memory_mib: 32,
-            disk_mib: 16,
-        }),
+        instance_type: Some(it),
         ..Default::default()
     };
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "hog".into(),
-        spec: Some(spec),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: "hog".into() })
-        .await
-        .unwrap();
+    create_start(&mut c, "hog", spec).await;
     let i = wait_state(
         &mut c,
         "hog",
@@ -585,18 +531,14 @@ async fn over_the_memory_limit_is_stopped_oom_137() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_instances_start_concurrently() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
     let c = agent.client.clone();
     let ids: Vec<String> = (0..50).map(|i| format!("many-{i}")).collect();
     let spec = pb::InstanceSpec {
-        instance_type: Some(pb::InstanceType {
-            vcpus: 1,
-            memory_mib: 32,
-            disk_mib: 8,
-        }),
+        instance_type: Some(runtime::instance_type(1, 32, 8)),
         ..sh_spec(&img.busybox, "echo up; while :; do sleep 1; done")
     };
     let starts = ids.iter().map(|id| {
@@ -651,7 +593,7 @@ async fn fifty_instances_start_concurrently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_logs_and_watch_events_stream_live() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -805,6 +747,7 @@ async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
     hearth_testkit::require!(
         hearth_testkit::skip::root(),
+        runtime::unavailable(),
         hearth_testkit::skip::program("openssl")
     );
     let img = images();
@@ -852,7 +795,7 @@ async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(node.runtime, "sandbox");
+    assert_eq!(node.runtime, runtime::kind().as_str());
     for client in [None, Some("rogue")] {
         let refused = match connect(client).await {
             Err(_) => true,
@@ -865,7 +808,7 @@ async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hearthctl_tables_and_json() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -885,6 +828,7 @@ async fn hearthctl_tables_and_json() {
     };
     let ctl2 = ctl.clone();
     let busybox = img.busybox.clone();
+    let memory = runtime::memory_mib(64);
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
         ctl2(&[
             "run",
@@ -892,7 +836,7 @@ async fn hearthctl_tables_and_json() {
             "cli",
             &busybox,
             "--memory",
-            "64",
+            &memory.to_string(),
             "--",
             "/bin/sh",
             "-c",
@@ -917,7 +861,7 @@ async fn hearthctl_tables_and_json() {
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["state"], "healthy");
-    assert_eq!(v["memory_mib"], 64);
+    assert_eq!(v["memory_mib"], memory);
     let ctl5 = ctl.clone();
     let out = tokio::task::spawn_blocking(move || {
         for _ in 0..100 {
@@ -1021,7 +965,7 @@ async fn hearthctl_tables_and_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_starts_on_request_and_requests_count_as_activity() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let mut env = Env::new(img.registry.clone());
     env.cfg.ingress.start_on_request = true;
@@ -1077,24 +1021,21 @@ async fn ingress_starts_on_request_and_requests_count_as_activity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_instances_when_configured() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let mut env = Env::new(img.registry.clone());
     env.cfg.lifecycle.stop_instances_on_shutdown = true;
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "bye".into(),
-        spec: Some(sh_spec(
+    create_start(
+        &mut c,
+        "bye",
+        sh_spec(
             &img.busybox,
             "trap 'exit 0' TERM; while :; do sleep 0.2; done",
-        )),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: "bye".into() })
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     wait_state(&mut c, "bye", &[pb::InstanceState::Healthy], LONG).await;
     drop(c);
     agent.shutdown().await;
@@ -1119,57 +1060,65 @@ async fn shutdown_stops_instances_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_type_limits_are_enforced() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
+    let it = runtime::instance_type(2, 96, 16);
+    let memory = it.memory_mib;
     let spec = pb::InstanceSpec {
-        instance_type: Some(pb::InstanceType {
-            vcpus: 2,
-            memory_mib: 96,
-            disk_mib: 16,
-        }),
+        instance_type: Some(it),
         ..sh_spec(&img.busybox, "while :; do sleep 1; done")
     };
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "limited".into(),
-        spec: Some(spec),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest {
-        id: "limited".into(),
-    })
-    .await
-    .unwrap();
+    create_start(&mut c, "limited", spec).await;
     wait_state(&mut c, "limited", &[pb::InstanceState::Healthy], LONG).await;
-    // Memory, CPU and pids in the instance's cgroup.
-    let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
-    let cg = layout.instance("limited");
-    let read = |ctrl: &str, file: &str| {
-        let dir = &cg
-            .dirs
-            .iter()
-            .find(|(c, _)| c == ctrl || c.is_empty())
-            .unwrap()
-            .1;
-        std::fs::read_to_string(dir.join(file))
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
-    if cg.version == hearth_agent::runtime::cgroup::Version::V1 {
-        assert_eq!(
-            read("memory", "memory.limit_in_bytes"),
-            (96u64 << 20).to_string()
+    if runtime::microvm() {
+        // The microVM is the limit: its vCPUs and its RAM, as the guest sees them.
+        let (code, cpus) = exec_sh(&mut c, "limited", "grep -c ^processor /proc/cpuinfo").await;
+        assert_eq!((code, cpus.trim()), (0, "2"), "{cpus}");
+        let (code, mem) = exec_sh(
+            &mut c,
+            "limited",
+            "awk '/^MemTotal:/ { print $2 }' /proc/meminfo",
+        )
+        .await;
+        assert_eq!(code, 0, "{mem}");
+        let kib: u64 = mem.trim().parse().unwrap();
+        assert!(
+            kib <= memory << 10 && kib >= (memory << 10) / 2,
+            "the guest has {kib} KiB of RAM for a {memory} MiB instance"
         );
-        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "200000");
+        let vmm = cgroup_pids(&env, "limited");
+        assert_eq!(vmm.len(), 1, "one hearth-vmm in the cgroup: {vmm:?}");
     } else {
-        assert_eq!(read("", "memory.max"), (96u64 << 20).to_string());
-        assert_eq!(read("", "cpu.max"), "200000 100000");
+        // Memory, CPU and pids in the instance's cgroup.
+        let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
+        let cg = layout.instance("limited");
+        let read = |ctrl: &str, file: &str| {
+            let dir = &cg
+                .dirs
+                .iter()
+                .find(|(c, _)| c == ctrl || c.is_empty())
+                .unwrap()
+                .1;
+            std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        if cg.version == hearth_agent::runtime::cgroup::Version::V1 {
+            assert_eq!(
+                read("memory", "memory.limit_in_bytes"),
+                (memory << 20).to_string()
+            );
+            assert_eq!(read("cpu", "cpu.cfs_quota_us"), "200000");
+        } else {
+            assert_eq!(read("", "memory.max"), (memory << 20).to_string());
+            assert_eq!(read("", "cpu.max"), "200000 100000");
+        }
+        assert_eq!(read("pids", "pids.max"), "4096");
     }
-    assert_eq!(read("pids", "pids.max"), "4096");
     // The disk: the writable layer holds 16 MiB, no more.
     let r = c
         .exec(pb::ExecRequest {

@@ -1,5 +1,7 @@
-//! Warm pools end to end with the sandbox runtime: real registry, the real static hearth-init
-//! as PID 1 of each member, real cgroups, veths, eBPF and the ingress proxy.
+//! Warm pools end to end: real registry, real cgroups, network, eBPF and the ingress proxy,
+//! with the runtime `HEARTH_TEST_RUNTIME` selects (`common::runtime`): sandboxes with the real
+//! static hearth-init as PID 1 of each member (the default), or hearth-vmm microVMs booting the
+//! real guest kernel (hardware-KVM hosts).
 
 mod common;
 
@@ -13,11 +15,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// The small instance type every test here uses.
 fn small() -> pb::InstanceType {
-    pb::InstanceType {
-        vcpus: 1,
-        memory_mib: 64,
-        disk_mib: 64,
-    }
+    runtime::instance_type(1, 64, 64)
 }
 
 fn httpd_spec(image: &str) -> pb::InstanceSpec {
@@ -85,59 +83,9 @@ fn boot_dir(agent: &TestAgent, id: &str) -> String {
     rt.dir.file_name().unwrap().to_string_lossy().into_owned()
 }
 
-/// GET / through the ingress for instance `id`: (status, body).
-async fn http_get(addr: std::net::SocketAddr, id: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "GET / HTTP/1.1\r\nHost: x\r\nx-hearth-instance: {id}\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-async fn prometheus(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
-async fn exec(c: &mut hearth_agent::ctl::Client, id: &str, script: &str) -> (i32, String) {
-    let r = c
-        .exec(pb::ExecRequest {
-            id: id.into(),
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            timeout_millis: 20_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        r.exit_code,
-        String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_claims_a_ready_member_and_says_so() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -199,8 +147,12 @@ async fn start_claims_a_ready_member_and_says_so() {
         "the instance's policy is attached: {m:?}"
     );
     // hearth-init's own output moved with the member to the instance.
-    let runtime_log = env.cfg.state_dir.join("instances/warm-1/runtime.log");
-    let text = std::fs::read_to_string(&runtime_log).unwrap();
+    let init_log = env
+        .cfg
+        .state_dir
+        .join("instances/warm-1")
+        .join(runtime::init_output_file());
+    let text = std::fs::read_to_string(&init_log).unwrap();
     assert!(text.contains("started pid="), "{text}");
     let member = boot_dir(&agent, "warm-1");
     assert!(!env.cfg.state_dir.join("instances").join(member).exists());
@@ -212,20 +164,10 @@ async fn start_claims_a_ready_member_and_says_so() {
     // Another instance type boots cold: it matches no pool.
     let mut other = httpd_spec(&img.httpd);
     other.instance_type = Some(pb::InstanceType {
-        memory_mib: 96,
+        memory_mib: small().memory_mib + 32,
         ..small()
     });
-    c.create_instance(pb::CreateInstanceRequest {
-        id: "cold-1".into(),
-        spec: Some(other),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest {
-        id: "cold-1".into(),
-    })
-    .await
-    .unwrap();
+    create_start(&mut c, "cold-1", other).await;
     wait_state(&mut c, "cold-1", &[pb::InstanceState::Healthy], LONG).await;
     let s = started(&events(&mut c, "cold-1").await);
     assert!(!s[0].warm, "{s:?}");
@@ -265,17 +207,6 @@ fn member_cgroups(env: &Env) -> Vec<String> {
     v
 }
 
-/// The processes in the cgroup `name`.
-fn cgroup_pids(env: &Env, name: &str) -> Vec<i32> {
-    let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
-    let (_, parent) = &layout.parents[0];
-    std::fs::read_to_string(parent.join(name).join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 /// Whether `pid` runs (a zombie waiting for its new parent to reap it does not).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -288,21 +219,13 @@ fn alive(pid: i32) -> bool {
 }
 
 async fn start_warm(c: &mut hearth_agent::ctl::Client, id: &str, spec: pb::InstanceSpec) {
-    c.create_instance(pb::CreateInstanceRequest {
-        id: id.into(),
-        spec: Some(spec),
-    })
-    .await
-    .unwrap();
-    c.start_instance(pb::StartInstanceRequest { id: id.into() })
-        .await
-        .unwrap();
+    create_start(c, id, spec).await;
     wait_state(c, id, &[pb::InstanceState::Healthy], LONG).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_serves_one_instance_and_nothing_of_it_reaches_the_next() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
@@ -315,7 +238,7 @@ async fn a_member_serves_one_instance_and_nothing_of_it_reaches_the_next() {
     start_warm(&mut c, "tenant-a", a).await;
     assert!(started(&events(&mut c, "tenant-a").await)[0].warm);
     let member_a = boot_dir(&agent, "tenant-a");
-    let (code, out) = exec(
+    let (code, out) = exec_sh(
         &mut c,
         "tenant-a",
         "echo a-secret > /secret-a && echo a-secret > /tmp/secret-a && cat /secret-a /tmp/secret-a",
@@ -353,11 +276,11 @@ async fn a_member_serves_one_instance_and_nothing_of_it_reaches_the_next() {
     assert!(started(&events(&mut c, "tenant-b").await)[0].warm);
     let member_b = boot_dir(&agent, "tenant-b");
     assert_ne!(member_a, member_b);
-    let (code, out) = exec(&mut c, "tenant-b", "ls /secret-a /tmp/secret-a").await;
+    let (code, out) = exec_sh(&mut c, "tenant-b", "ls /secret-a /tmp/secret-a").await;
     assert_ne!(code, 0, "A's files are not visible to B: {out}");
-    let (_, procs) = exec(&mut c, "tenant-b", "cat /proc/[0-9]*/cmdline").await;
+    let (_, procs) = exec_sh(&mut c, "tenant-b", "cat /proc/[0-9]*/cmdline").await;
     assert!(!procs.contains("31337"), "A's process is not in B: {procs}");
-    let (_, host) = exec(&mut c, "tenant-b", "cat /etc/hostname").await;
+    let (_, host) = exec_sh(&mut c, "tenant-b", "cat /etc/hostname").await;
     assert_eq!(host.trim(), "tenant-b");
 
     // A's next boot is a fresh member too: its files are gone.
@@ -371,17 +294,19 @@ async fn a_member_serves_one_instance_and_nothing_of_it_reaches_the_next() {
     assert_eq!(again.boots, 2);
     let member_a2 = boot_dir(&agent, "tenant-a");
     assert!(member_a2 != member_a && member_a2 != member_b);
-    let (code, _) = exec(&mut c, "tenant-a", "ls /secret-a").await;
+    let (code, _) = exec_sh(&mut c, "tenant-a", "ls /secret-a").await;
     assert_ne!(code, 0);
     agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sizing_budget_concurrency_ttl_pinning_and_targets_across_restarts() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let mut env = Env::new(img.registry.clone());
-    env.cfg.pool.memory_budget_mib = 192;
+    // Room for three small members.
+    let budget = 3 * small().memory_mib;
+    env.cfg.pool.memory_budget_mib = budget;
     env.cfg.pool.refill_concurrency = 1;
     env.cfg.pool.idle_ttl = Duration::from_secs(5);
     let agent = TestAgent::start(&env).await;
@@ -425,21 +350,25 @@ async fn sizing_budget_concurrency_ttl_pinning_and_targets_across_restarts() {
         .set_warm_pool(bad(&img.busybox, small(), 4))
         .await
         .unwrap_err();
-    assert!(e.message().contains("192 MiB"), "{}", e.message());
+    assert!(
+        e.message().contains(&format!("{budget} MiB")),
+        "{}",
+        e.message()
+    );
     let l = pools(&mut c).await;
     assert!(l.pools.is_empty(), "{l:?}");
     assert!(!env.cfg.state_dir.join("warm_pools.json").exists());
 
-    // 3 members of 64 MiB fill the budget, booted one at a time.
+    // 3 small members fill the budget, booted one at a time.
     set_pool(&mut c, &img.busybox, 3).await;
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let l = pools(&mut c).await;
         let p = &l.pools[0];
         assert!(p.booting <= 1, "refill_concurrency is 1: {p:?}");
-        assert!(l.memory_used_mib <= 192, "{l:?}");
+        assert!(l.memory_used_mib <= budget, "{l:?}");
         if p.ready == 3 {
-            assert_eq!(l.memory_used_mib, 192);
+            assert_eq!(l.memory_used_mib, budget);
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{l:?}");
@@ -462,7 +391,7 @@ async fn sizing_budget_concurrency_ttl_pinning_and_targets_across_restarts() {
     loop {
         let l = pools(&mut c).await;
         let p = &l.pools[0];
-        assert!(l.memory_used_mib <= 192, "{l:?}");
+        assert!(l.memory_used_mib <= budget, "{l:?}");
         if p.recycled >= 3 && p.ready == 3 {
             break;
         }
@@ -504,14 +433,14 @@ async fn sizing_budget_concurrency_ttl_pinning_and_targets_across_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_pools_and_an_agent_killed_mid_run() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let mut env = Env::new(img.registry.clone());
     env.cfg.pool.pools = vec![hearth_agent::config::PoolEntryConfig {
         image: img.busybox.clone(),
         size: 2,
         vcpus: Some(1),
-        memory_mib: Some(64),
+        memory_mib: Some(small().memory_mib),
         disk_mib: Some(64),
     }];
     let config = env.write_config();
@@ -531,7 +460,7 @@ async fn config_pools_and_an_agent_killed_mid_run() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains(&img.busybox) && text.contains("1/64M/64M"),
+        text.contains(&img.busybox) && text.contains(&format!("1/{}M/64M", small().memory_mib)),
         "{text}"
     );
     // hearthctl sets it (the API's target wins over the config's).
@@ -539,7 +468,9 @@ async fn config_pools_and_an_agent_killed_mid_run() {
         .arg("--socket")
         .arg(&env.cfg.api.socket)
         .args(["--json", "pool", "set", &img.busybox, "2"])
-        .args(["--vcpus", "1", "--memory", "64", "--disk", "64"])
+        .args(["--vcpus", "1", "--memory"])
+        .arg(small().memory_mib.to_string())
+        .args(["--disk", "64"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -572,7 +503,7 @@ async fn config_pools_and_an_agent_killed_mid_run() {
     let mut c = agent.client().await;
     // The instance on the claimed member is re-adopted; the members of the dead agent are
     // removed and replaced.
-    let (code, out) = exec(&mut c, "survivor", "cat /etc/hostname").await;
+    let (code, out) = exec_sh(&mut c, "survivor", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "survivor"));
     // Its eBPF programs moved to its name at the claim, where the new agent found them.
     assert!(env.cfg.bpf_root.join("survivor/link_egress").exists());
