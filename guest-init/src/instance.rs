@@ -12,8 +12,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hearth_proto::init::{InitErrorKind, InstanceSpec};
-use nix::sched::CloneFlags;
+use hearth_proto::init::{InitErrorKind, InstanceSpec, RootFs};
+use nix::{mount::MntFlags, sched::CloneFlags};
 
 use crate::{
     bootstrap::Mode,
@@ -76,9 +76,37 @@ fn rootfs_err(e: rootfs::RootfsError) -> PrepareError {
     PrepareError::new(InitErrorKind::Rootfs, &e)
 }
 
-/// Assembles the root filesystem and switches into it; returns the scratch handle.
-fn assemble_root(spec: &InstanceSpec, mode: Mode) -> Result<Option<File>, PrepareError> {
-    let root = spec.root.clone().unwrap_or_default();
+/// A root assembled before the spec came (a warm-pool member): the image mounted, a fresh
+/// writable layer, the overlay and the pseudo filesystems, not yet switched into. The spec's
+/// extra mounts and the switch follow in [`prepare`].
+#[derive(Debug)]
+pub struct PreparedRoot {
+    /// What it was assembled from.
+    pub root: RootFs,
+    layout: rootfs::Layout,
+    scratch: Option<File>,
+    sandbox_cgroups: Option<Cgroups>,
+}
+
+/// Sandbox: finds init's cgroup (while the host's `/proc` and `/sys` are visible) and gives
+/// init a cgroup namespace, so the workload's cgroup2 mount shows this cgroup as its root.
+/// Done once per boot, before the root is assembled.
+fn enter_sandbox_cgroups(mode: Mode) -> Option<Cgroups> {
+    match mode {
+        Mode::Sandbox => {
+            let cg = Cgroups::sandbox();
+            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
+                tracing::warn!("Cannot create a cgroup namespace: {e}");
+            }
+            Some(cg)
+        }
+        Mode::Vm => None,
+    }
+}
+
+/// Mounts the image, the writable layer, the overlay and the pseudo filesystems; returns the
+/// layout and the scratch handle.
+fn mount_root(root: &RootFs, mode: Mode) -> Result<(rootfs::Layout, Option<File>), PrepareError> {
     rootfs::make_private().map_err(rootfs_err)?;
     let image = PathBuf::from(&root.image);
     let meta = std::fs::metadata(&image).map_err(|source| {
@@ -87,7 +115,8 @@ fn assemble_root(spec: &InstanceSpec, mode: Mode) -> Result<Option<File>, Prepar
             source,
         })
     })?;
-    // An image file is attached to a loop device; a block device is used as it is.
+    // An image file is attached to a loop device; a block device is used as it is. The device
+    // stays open until the image is mounted (closing it earlier would detach it).
     let (device, _loop_dev) = if meta.file_type().is_block_device() {
         (image.clone(), None)
     } else {
@@ -117,14 +146,44 @@ fn assemble_root(spec: &InstanceSpec, mode: Mode) -> Result<Option<File>, Prepar
     rootfs::apply(&steps).map_err(rootfs_err)?;
     let scratch_file = File::open(&layout.scratch).ok();
     rootfs::apply(&rootfs::pseudo_steps(&layout.root, mode)).map_err(rootfs_err)?;
-    // Bind sources are outside the instance: mount before leaving the host's root.
-    mounts::mount_all(&spec.mounts, &layout.root).map_err(rootfs_err)?;
-    rootfs::switch_root(&layout.root, mode).map_err(rootfs_err)?;
-    Ok(scratch_file)
+    Ok((layout, scratch_file))
 }
 
-/// Prepares everything; on success the process is inside the instance root.
-pub async fn prepare(spec: &InstanceSpec, mode: Mode) -> Result<Prepared, PrepareError> {
+/// Assembles `root` ahead of the spec (a warm-pool member told its root in `Welcome`).
+pub fn prepare_root(root: &RootFs, mode: Mode) -> Result<PreparedRoot, PrepareError> {
+    let t = std::time::Instant::now();
+    let sandbox_cgroups = enter_sandbox_cgroups(mode);
+    let (layout, scratch) = mount_root(root, mode)?;
+    tracing::debug!(
+        took_us = t.elapsed().as_micros(),
+        "root assembled ahead of the spec"
+    );
+    Ok(PreparedRoot {
+        root: root.clone(),
+        layout,
+        scratch,
+        sandbox_cgroups,
+    })
+}
+
+/// Gives up a prepared root the spec does not want: everything below the staging tmpfs is
+/// detached at once (the loop device detaches itself when its mount is gone).
+fn discard_root(p: PreparedRoot) -> Option<Cgroups> {
+    drop(p.scratch);
+    if let Err(e) = nix::mount::umount2(STAGING, MntFlags::MNT_DETACH) {
+        tracing::warn!("Cannot detach the prepared root at {STAGING}: {e}");
+    }
+    p.sandbox_cgroups
+}
+
+/// Prepares everything; on success the process is inside the instance root. `ahead` is the
+/// root a warm-pool member assembled before the spec: used when the spec names the same root,
+/// else discarded.
+pub async fn prepare(
+    spec: &InstanceSpec,
+    mode: Mode,
+    ahead: Option<PreparedRoot>,
+) -> Result<Prepared, PrepareError> {
     spec::validate(spec).map_err(|e| PrepareError::new(InitErrorKind::BadSpec, &e))?;
     let argv = spec::argv(spec);
     let hostname = spec::hostname(spec);
@@ -141,25 +200,30 @@ pub async fn prepare(spec: &InstanceSpec, mode: Mode) -> Result<Prepared, Prepar
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PrepareError::new(InitErrorKind::BadSpec, &e))?;
 
-    // The agent's cgroup must be found while the host's /proc and /sys are still visible.
-    let sandbox_cgroups = match mode {
-        Mode::Sandbox => {
-            if spec.memory_limit_bytes > 0 {
-                tracing::info!(
-                    "memory_limit_bytes is enforced by the agent's cgroup in the sandbox"
-                );
-            }
-            let cg = Cgroups::sandbox();
-            // The workload's cgroup2 mount then shows this cgroup as its root.
-            if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
-                tracing::warn!("Cannot create a cgroup namespace: {e}");
-            }
-            Some(cg)
+    if mode == Mode::Sandbox && spec.memory_limit_bytes > 0 {
+        tracing::info!("memory_limit_bytes is enforced by the agent's cgroup in the sandbox");
+    }
+    let want = spec.root.clone().unwrap_or_default();
+    let (sandbox_cgroups, layout, scratch) = match ahead {
+        Some(p) if p.root == want => (p.sandbox_cgroups, p.layout, p.scratch),
+        ahead => {
+            // The cgroup namespace is entered once per boot, also when a root is discarded.
+            let cgroups = match ahead {
+                Some(p) => {
+                    tracing::info!(
+                        "The spec names another root than the one prepared; assembling it"
+                    );
+                    discard_root(p)
+                }
+                None => enter_sandbox_cgroups(mode),
+            };
+            let (layout, scratch) = mount_root(&want, mode)?;
+            (cgroups, layout, scratch)
         }
-        Mode::Vm => None,
     };
-
-    let scratch = assemble_root(spec, mode)?;
+    // Bind sources are outside the instance: mount before leaving the host's root.
+    mounts::mount_all(&spec.mounts, &layout.root).map_err(rootfs_err)?;
+    rootfs::switch_root(&layout.root, mode).map_err(rootfs_err)?;
 
     let cgroups = match sandbox_cgroups {
         Some(cg) => cg,

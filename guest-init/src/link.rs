@@ -21,7 +21,10 @@ use std::{
 use futures::{SinkExt as _, StreamExt as _};
 use hearth_proto::{
     channel::{ChannelError, GuestChannel},
-    init::{Exec, Hello, HostMessage, InstanceSpec, LogStream, Pong, guest_message, host_message},
+    init::{
+        Exec, Hello, HostMessage, InstanceSpec, LogStream, Pong, RootFs, guest_message,
+        host_message,
+    },
 };
 use nix::{fcntl::OFlag, sys::stat::Mode as FileMode};
 use tokio::{
@@ -46,6 +49,8 @@ pub enum HostEvent {
     },
     /// The instance spec (from `Welcome` or, for a warm-pool member, `assign`).
     Spec(Box<InstanceSpec>),
+    /// A warm-pool member's root, to assemble while it waits for its spec (`Welcome.root`).
+    Root(RootFs),
     /// Deliver a signal to the workload.
     Signal(i32),
     /// Stop the workload.
@@ -362,6 +367,10 @@ impl Link {
                 self.outbox.send_first(state);
             } else if let Some(spec) = welcome.spec {
                 self.got_spec(spec);
+            } else if let Some(root) = welcome.root
+                && !self.handle.lock().have_spec
+            {
+                let _ = self.events.send(HostEvent::Root(root));
             }
             match self.session(channel).await {
                 End::Finished => return,

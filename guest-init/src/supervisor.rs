@@ -1,7 +1,8 @@
 //! The life of an instance, from the first connection to the exit report.
 //!
 //! 1. Reach the agent (or read the standalone spec) and wait for the spec (a warm-pool member
-//!    waits for `assign`). The first connection writes the boot timer in a microVM.
+//!    waits for `assign`, and assembles the root its `Welcome` names meanwhile). The first
+//!    connection writes the boot timer in a microVM.
 //! 2. Prepare the instance ([`crate::instance`]); a failure is an `InitError` (fatal) and
 //!    `Exited{reason: INIT_ERROR}`.
 //! 3. Spawn the workload, report `Started`, poll readiness (`Ready`, or a non-fatal
@@ -106,7 +107,8 @@ pub async fn run(boot: Bootstrap, t0: std::time::Instant) -> i32 {
     let mut term = signal(SignalKind::terminate()).ok();
     let mut int = signal(SignalKind::interrupt()).ok();
 
-    // 1. The link and the spec.
+    // 1. The link and the spec (and a warm-pool member's root, assembled ahead of it).
+    let mut ahead = None;
     let (link, link_task, events, spec) = match &boot.transport {
         Transport::Standalone { spec: path } => {
             let (link, task) = link::start_console(outbox.clone());
@@ -148,6 +150,16 @@ pub async fn run(boot: Bootstrap, t0: std::time::Instant) -> i32 {
                             }
                         }
                         Some(HostEvent::Spec(spec)) => break Ok(*spec),
+                        Some(HostEvent::Root(root)) => {
+                            if ahead.is_none() {
+                                // A member that cannot mount its root is of no use: it
+                                // reports why and ends, and the pool replaces it.
+                                match instance::prepare_root(&root, boot.mode) {
+                                    Ok(p) => ahead = Some(p),
+                                    Err(e) => break Err(e),
+                                }
+                            }
+                        }
                         Some(HostEvent::Rejected(reason)) => {
                             console::say(&format!("rejected by the agent: {reason}"));
                             return INTERNAL_EXIT_CODE;
@@ -178,7 +190,7 @@ pub async fn run(boot: Bootstrap, t0: std::time::Instant) -> i32 {
     tracing::info!(instance = %spec.instance_id, "got the spec");
 
     // 2. Prepare.
-    let prepared = match instance::prepare(&spec, run.mode).await {
+    let prepared = match instance::prepare(&spec, run.mode, ahead).await {
         Ok(p) => p,
         Err(e) => return run.fail(e).await,
     };
@@ -339,6 +351,7 @@ impl Run {
                     }
                     Some(HostEvent::Connected { .. }) => console::say("reconnected to the agent"),
                     Some(HostEvent::Spec(_)) => tracing::warn!("Ignoring a spec while running"),
+                    Some(HostEvent::Root(_)) => tracing::warn!("Ignoring a root while running"),
                     Some(HostEvent::Rejected(reason)) => {
                         // The agent no longer knows this instance: nothing to run it for.
                         console::say(&format!("rejected by the agent: {reason}"));

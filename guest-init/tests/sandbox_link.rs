@@ -1,13 +1,14 @@
 //! The link to the agent with the real static hearth-init in fresh namespaces: the agent
-//! disappearing mid-run (reconnect, log resume), a warm-pool member assigned later, a rejected
-//! connection, standalone mode, the network over netlink in a namespace with a veth.
+//! disappearing mid-run (reconnect, log resume), a warm-pool member assigned later (its root
+//! assembled before the spec, or again when the spec names another), a rejected connection,
+//! standalone mode, the network over netlink in a namespace with a veth.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{Agent, Fixture, LONG, Launch, Sandbox, TestNetns};
-use hearth_proto::init::{ExitReason, Network, Welcome, host_message};
+use hearth_proto::init::{ExitReason, InitErrorKind, Network, RootFs, Welcome, host_message};
 
 /// The number in a "line N" record.
 fn line_no(r: &hearth_proto::init::LogRecord) -> u64 {
@@ -54,6 +55,7 @@ async fn agent_disappears_mid_run_and_the_log_stream_resumes() {
             protocol_version: hearth_proto::PROTOCOL_VERSION,
             spec: None,
             resume_after_log_seq: acked,
+            root: None,
         }))
         .await
         .unwrap();
@@ -122,6 +124,7 @@ async fn workload_ending_while_the_agent_is_away_is_reported_on_return() {
             protocol_version: hearth_proto::PROTOCOL_VERSION,
             spec: None,
             resume_after_log_seq: stored,
+            root: None,
         }))
         .await
         .unwrap();
@@ -132,13 +135,36 @@ async fn workload_ending_while_the_agent_is_away_is_reported_on_return() {
     assert_eq!(sandbox.wait(LONG).await.code(), Some(9));
 }
 
-#[tokio::test]
-async fn warm_pool_member_waits_for_its_spec() {
-    require_sandbox!();
-    let fx = Fixture::new();
+/// Waits until init's mount namespace has the overlay root mounted at `/run/root` (where a
+/// root is assembled before the switch), and returns its mountinfo.
+async fn root_assembled(sandbox: &Sandbox) -> String {
+    let path = format!("/proc/{}/mountinfo", sandbox.init_pid());
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/run/root") && l.contains(" - overlay "))
+        {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no overlay root: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A warm-pool member: `Hello` without an instance id, `Welcome` without a spec (with `root`
+/// when given), then it waits for `assign`.
+async fn member(fx: &Fixture, root: Option<RootFs>) -> (Sandbox, Agent) {
     let listener = fx.listen();
-    let args = vec![format!("hearth.socket={}", fx.socket.display())];
-    let mut sandbox = Sandbox::launch(fx.dir.path(), &args, Launch::default());
+    let args = vec![
+        format!("hearth.socket={}", fx.socket.display()),
+        "hearth.log=debug".into(),
+    ];
+    let sandbox = Sandbox::launch(fx.dir.path(), &args, Launch::default());
     let (mut agent, hello) = Agent::accept(&listener).await;
     assert_eq!(hello.instance_id, "");
     assert!(!hello.reconnect);
@@ -148,9 +174,18 @@ async fn warm_pool_member_waits_for_its_spec() {
             protocol_version: hearth_proto::PROTOCOL_VERSION,
             spec: None,
             resume_after_log_seq: 0,
+            root,
         }))
         .await
         .unwrap();
+    (sandbox, agent)
+}
+
+#[tokio::test]
+async fn warm_pool_member_waits_for_its_spec() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let (mut sandbox, mut agent) = member(&fx, None).await;
     // A pool member idles until it is assigned; it still answers pings.
     agent.tx.ping(7).await.unwrap();
     agent.until("Pong", |g| g.pongs == [7]).await;
@@ -163,6 +198,104 @@ async fn warm_pool_member_waits_for_its_spec() {
     assert_eq!(exited.exit_code, 0);
     assert_eq!(agent.got.stdout(), "assigned to pool-7\n");
     sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn warm_pool_member_assembles_its_root_before_the_spec() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let mut spec = fx.spec(&[
+        "sh",
+        "-c",
+        "echo assigned to $HOSTNAME; echo x > /written && cat /written; df -k / | tail -1",
+    ]);
+    spec.instance_id = "pool-8".into();
+    let (mut sandbox, mut agent) = member(&fx, spec.root.clone()).await;
+    // Image, writable layer and overlay are mounted while the member waits: nothing runs.
+    let mounts = root_assembled(&sandbox).await;
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/run/lower")),
+        "{mounts}"
+    );
+    assert!(agent.got.started.is_empty());
+    let t = std::time::Instant::now();
+    agent.tx.assign(spec).await.unwrap();
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.exit_code, 0, "{}", sandbox.output());
+    let out = agent.got.stdout();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("assigned to pool-8"));
+    assert_eq!(lines.next(), Some("x"), "the root is writable");
+    // The spec's 64 MiB writable layer (df: overlay size = the upper layer's).
+    let total_kib: u64 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(total_kib, 64 << 10, "{out}");
+    assert!(
+        sandbox
+            .output()
+            .contains("root assembled ahead of the spec"),
+        "{}",
+        sandbox.output()
+    );
+    eprintln!("assign to exit: {:?}", t.elapsed());
+    sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn warm_pool_member_assembles_the_specs_root_when_it_differs() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let mut spec = fx.spec(&["sh", "-c", "df -k / | tail -1"]);
+    spec.instance_id = "pool-9".into();
+    let mut other = spec.root.clone().unwrap();
+    other.disk_size_bytes = 8 << 20;
+    let (mut sandbox, mut agent) = member(&fx, Some(other)).await;
+    root_assembled(&sandbox).await;
+    agent.tx.assign(spec).await.unwrap();
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.exit_code, 0, "{}", sandbox.output());
+    let out = agent.got.stdout();
+    let total_kib: u64 = out
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        total_kib,
+        64 << 10,
+        "the spec's layer, not the prepared one: {out}"
+    );
+    sandbox.wait(LONG).await;
+}
+
+#[tokio::test]
+async fn a_member_whose_root_cannot_be_assembled_reports_and_ends() {
+    require_sandbox!();
+    let fx = Fixture::new();
+    let mut root = fx.spec(&["true"]).root.unwrap();
+    root.image = fx.dir.path().join("missing.erofs").display().to_string();
+    let (mut sandbox, mut agent) = member(&fx, Some(root)).await;
+    let exited = agent.run_to_exit().await;
+    assert_eq!(exited.reason, ExitReason::InitError as i32);
+    let err = &agent.got.errors[0];
+    assert_eq!(err.kind, InitErrorKind::Rootfs as i32);
+    assert!(
+        err.fatal && err.message.contains("missing.erofs"),
+        "{err:?}"
+    );
+    assert_eq!(sandbox.wait(LONG).await.code(), Some(125));
 }
 
 #[tokio::test]

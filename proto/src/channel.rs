@@ -196,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> HostChannel<S> {
             protocol_version: version,
             spec,
             resume_after_log_seq,
+            root: None,
         }))
         .await
     }

@@ -1,13 +1,16 @@
 //! One warm-pool member's task: launch the runtime as a member (hearth-init without an
-//! instance id), give it its interface, take init's `Hello` and welcome it without a spec, then
-//! wait: for a claim (the member's parts go to the claimer and the task ends), for its idle
+//! instance id), give it its interface, take init's `Hello` and welcome it without a spec but
+//! with the root its instance will get (init assembles it while it waits), then wait: for a claim (the member's parts go to the claimer and the task ends), for its idle
 //! TTL (recycled), for its pool to drop it, for the agent's shutdown, or for its death. Every
 //! end but a claim destroys the member: runtime killed and cleaned up, interface and address
 //! released.
 
 use std::{sync::Arc, time::Duration};
 
-use hearth_proto::channel::HostChannel;
+use hearth_proto::{
+    channel::HostChannel,
+    init::{self, guest_message::Msg as G, host_message::Msg as H},
+};
 use tokio::{
     net::{UnixListener, UnixStream},
     sync::oneshot,
@@ -191,6 +194,11 @@ pub(super) async fn run(
             r = &mut claim_rx => Ev::Claim(r),
             _ = process.wait() => Ev::Died,
             m = conn.recv() => match m {
+                // hearth-init could not prepare the member (its root): it ends.
+                Ok(Some(G::InitError(e))) if e.fatal => {
+                    let msg: String = e.message.chars().take(1024).collect();
+                    Ev::InitGone(format!("hearth-init failed: {msg}"))
+                }
                 // Pong and the like: nothing to do before the spec.
                 Ok(Some(_)) => continue,
                 Ok(None) => Ev::InitGone("hearth-init closed its connection".into()),
@@ -341,6 +349,8 @@ async fn boot(
         return Err(BootEnd::Failed(crate::instance::anyhow_chain(&e)));
     }
     let timeout = inner.cfg.lifecycle.init_connect_timeout;
+    // What a claim's spec names (`Manager::start_warm` computes the same).
+    let root = inner.runtime.init_rootfs(image, key.disk_mib << 20);
     let handshake = async {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -363,7 +373,14 @@ async fn boot(
                     .await;
                 continue;
             }
-            match conn.welcome(None, 0).await {
+            // No spec yet, but the root it will get: init assembles it while it waits.
+            let welcome = init::Welcome {
+                protocol_version: hello.protocol_version.min(hearth_proto::PROTOCOL_VERSION),
+                spec: None,
+                resume_after_log_seq: 0,
+                root: Some(root.clone()),
+            };
+            match conn.send(H::Welcome(welcome)).await {
                 Ok(()) => return Ok(conn),
                 Err(e) => {
                     tracing::debug!(member = %name, error = %e, "cannot welcome hearth-init");

@@ -8,7 +8,9 @@
 //! ([`WarmPool::claim`]): the manager moves the member's address to the instance, attaches the
 //! instance's NAT and eBPF policy, and hands the spec to init with `assign`; from then on it is
 //! that instance's boot like any other and is destroyed when the boot ends. A member serves at
-//! most one instance; every member gets a fresh writable layer (init makes it after `assign`).
+//! most one instance; every member gets a fresh writable layer: its init assembles the root
+//! (image, writable layer, overlay) when it is welcomed, before any spec, and `assign` only
+//! brings the rest.
 //!
 //! Sizing: each pool has a target (from the config's `[pool] pools` and from `SetWarmPool`,
 //! which wins and is kept in `<state_dir>/warm_pools.json`). One refill task launches members

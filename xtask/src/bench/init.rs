@@ -204,6 +204,7 @@ fn init_once(init: &Path, dir: &Path, image: &Path, i: usize) -> anyhow::Result<
         protocol_version: hearth_proto::PROTOCOL_VERSION,
         spec: Some(spec),
         resume_after_log_seq: 0,
+        root: None,
     }))?;
     let mut start_to_spawn_ms = 0.0;
     let (total, spawn_to_ready_ms) = loop {
