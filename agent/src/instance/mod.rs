@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //!
+//! - [`failpoint`]: test-only crash points on the start path.
 //! - [`gate`]: starts in flight, which background work (pool refills) waits for.
 //! - [`network`]: addresses, interfaces, NAT and eBPF per instance.
 //! - [`router`]: the ingress proxy's view of the instances.
@@ -17,6 +18,7 @@
 //! - [`supervisor`]: the per-boot task.
 //! - [`timers`]: the deadline arithmetic the supervisor waits on.
 
+pub mod failpoint;
 pub mod gate;
 pub mod network;
 pub mod router;
@@ -745,6 +747,9 @@ impl Manager {
         })?;
         let root = self.runtime.init_rootfs(&image, it.disk_mib << 20);
         let init_spec = spec::init_spec(id, &spec, &image, root, network);
+        // A crash from here on: the restarted agent adopts the boot and welcomes its init with
+        // the spec rebuilt from the store (`Manager::adopt`).
+        failpoint::hit("cold-committed");
         self.spawn_supervisor_with(
             &entry,
             listener,
@@ -752,8 +757,8 @@ impl Manager {
             rt_state,
             Some(init_spec),
             supervisor::BootExtras {
-                member_conn: None,
                 guard: Some(guard),
+                ..Default::default()
             },
         );
         Ok(inst)
@@ -801,6 +806,10 @@ impl Manager {
             }
         }
         tracing::debug!(id, us = t0.elapsed().as_micros(), "network handed over");
+        // A crash here leaves the instance as it was (the start is not committed); the
+        // restarted agent removes the member and what of its network carries the instance's
+        // name (`Manager::adopt`).
+        failpoint::hit("warm-handed-over");
         let parts = claimed.into_parts();
         let boot_id = parts.conn.hello().boot_id.clone();
         entry.touch(now);
@@ -835,6 +844,11 @@ impl Manager {
                 return Err(e.into());
             }
         };
+        // The claim is durable: the boot (the member's runtime and boot id) is committed, and
+        // the spec can be rebuilt from the store. A crash from here on: the restarted agent
+        // adopts the boot, and the member's init, which dials again without an instance id,
+        // is assigned the spec then (`Supervisor::on_conn`).
+        failpoint::hit("warm-committed");
         entry.logs.system(
             boot,
             now,
@@ -859,6 +873,7 @@ impl Manager {
             supervisor::BootExtras {
                 member_conn: Some(parts.conn),
                 guard: Some(guard),
+                adopted: false,
             },
         );
         Ok(inst)
@@ -901,7 +916,25 @@ impl Manager {
         Err(err)
     }
 
-    fn spawn_supervisor(
+    /// The spec hearth-init gets for the current boot, rebuilt from what is stored (instance
+    /// spec, resolved image, address): what a restarted agent hands an init that never got its
+    /// spec (the agent died between committing the boot and the `Welcome` or `assign`).
+    fn boot_spec(
+        &self,
+        id: &str,
+        inst: &pb::Instance,
+        private: &Private,
+    ) -> Option<init::InstanceSpec> {
+        let spec = inst.spec.as_ref()?;
+        let image = private.image.as_ref()?;
+        let it = spec.instance_type.unwrap_or_default();
+        let root = self.runtime.init_rootfs(image, it.disk_mib << 20);
+        let network = self.net.as_ref().and_then(|n| n.init_network(id));
+        Some(spec::init_spec(id, spec, image, root, network))
+    }
+
+    /// Spawns the supervisor of a boot a restarted agent re-adopts.
+    fn spawn_adopted(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         listener: tokio::net::UnixListener,
@@ -915,7 +948,10 @@ impl Manager {
             process,
             rt,
             init_spec,
-            supervisor::BootExtras::default(),
+            supervisor::BootExtras {
+                adopted: true,
+                ..Default::default()
+            },
         );
     }
 
@@ -1267,7 +1303,24 @@ impl Manager {
                             tracing::warn!(id = %entry.id, error = %anyhow_chain(&e), "cannot re-adopt the instance's network");
                         }
                     }
-                    self.spawn_supervisor(&entry, l, p, rt, None);
+                    // A claimed member's logs still under its name (a crash right after
+                    // the claim) move to the instance now.
+                    if let Some(member) = rt.dir.file_name().and_then(|n| n.to_str())
+                        && member.starts_with(crate::pool::MEMBER_PREFIX)
+                        && self
+                            .cfg
+                            .state_dir
+                            .join("instances")
+                            .join(member)
+                            .join("runtime.log")
+                            .exists()
+                        && let Err(e) =
+                            crate::runtime::move_boot_logs(&self.cfg.state_dir, member, &entry.id)
+                    {
+                        tracing::warn!(id = %entry.id, %member, error = %e, "cannot move the member's runtime logs");
+                    }
+                    let init_spec = self.boot_spec(&entry.id, &inst, &private);
+                    self.spawn_adopted(&entry, l, p, rt, init_spec);
                 }
                 (p, l) => {
                     if let Err(e) = &l {
@@ -1312,6 +1365,20 @@ impl Manager {
                     })?;
                 }
             }
+        }
+        // Interfaces and eBPF pins named after an instance without a running boot are left
+        // from a crash (e.g. after a claim handed a member's interface to an instance whose
+        // start was never committed): they go. Members' and prepared interfaces (names
+        // starting with `_`) are their owners' to clean.
+        if let Some(net) = &self.net {
+            let running: std::collections::HashSet<String> = self
+                .entries()
+                .into_iter()
+                .filter(|e| e.private().runtime.is_some())
+                .map(|e| e.id.clone())
+                .collect();
+            net.remove_orphans(|n| !n.starts_with('_') && !running.contains(n))
+                .await;
         }
         // Forget placeholders of creates that never committed.
         self.entries

@@ -434,6 +434,11 @@ impl NodeNet {
             .release(id);
     }
 
+    /// What hearth-init configures for `id` at its current address (None without one).
+    pub fn init_network(&self, id: &str) -> Option<init::Network> {
+        self.instance(id).ok().map(|i| i.init_network())
+    }
+
     fn instance(&self, id: &str) -> Result<InstanceNet, NetworkError> {
         self.pool
             .lock()
@@ -687,8 +692,10 @@ impl NodeNet {
         }
     }
 
-    /// Removes the interfaces of warm-pool members left by an earlier agent (their alias
-    /// satisfies `is_member`); a sandbox member's veth went with its namespace, a TAP stays.
+    /// Removes the interfaces and eBPF pins left by an earlier agent whose name (the
+    /// interface's alias, the pin directory) satisfies `is_member`: warm-pool members'
+    /// (a sandbox member's veth went with its namespace, a TAP stays), prepared ones, and
+    /// those of instances without a running boot.
     pub async fn remove_orphans(&self, is_member: impl Fn(&str) -> bool) {
         let found = match self.net.discover().await {
             Ok(f) => f,

@@ -34,13 +34,16 @@ const MAX_ERROR_EVENTS: u32 = 16;
 /// How often a moved activity deadline is written to the store.
 const PERSIST_INTERVAL_MS: i64 = 5_000;
 
-/// What a new boot hands its supervisor besides the runtime.
+/// What a boot hands its supervisor besides the runtime.
 #[derive(Default)]
 pub struct BootExtras {
     /// A claimed warm-pool member's connection (welcomed without a spec).
     pub member_conn: Option<Conn>,
     /// The start in flight, ended when the workload is ready.
     pub guard: Option<super::gate::StartGuard>,
+    /// The boot was re-adopted by a restarted agent: its init may hold its spec already (it
+    /// then says `Hello{reconnect}`), or not (the agent died before init got it).
+    pub adopted: bool,
 }
 
 /// A request to the supervisor.
@@ -115,6 +118,8 @@ pub struct Supervisor {
     /// A claimed warm-pool member's connection, welcomed without a spec: `run` assigns the
     /// spec on it first.
     member_conn: Option<Conn>,
+    /// Re-adopted after an agent restart (see [`BootExtras::adopted`]).
+    adopted: bool,
     /// Held until the workload is ready (background work waits for it).
     start_guard: Option<super::gate::StartGuard>,
     /// When the runtime was up (this supervisor was made) and when init got the spec (Unix
@@ -181,6 +186,7 @@ impl Supervisor {
             deadlines,
             expired_at: None,
             member_conn: None,
+            adopted: false,
             start_guard: None,
             runtime_at: now,
             spec_at: 0,
@@ -191,6 +197,7 @@ impl Supervisor {
     pub(super) fn with_extras(mut self, extras: BootExtras) -> Self {
         self.member_conn = extras.member_conn;
         self.start_guard = extras.guard;
+        self.adopted = extras.adopted;
         self
     }
 
@@ -375,10 +382,10 @@ impl Supervisor {
                             cause: cause as i32,
                         })]
                     });
-                    if !self.connected_once && self.spec.is_some() {
+                    if !self.connected_once && !self.adopted {
                         // A fresh boot whose init has not connected: nothing to stop
                         // gracefully yet. (An adopted boot's init reconnects: it gets the
-                        // stop then.)
+                        // stop then, or is killed if it never got its spec.)
                         self.kill(Kill::StopBeforeConnect);
                     } else if !self
                         .send(H::Stop(init::Stop {
@@ -426,8 +433,26 @@ impl Supervisor {
         // broke before the Welcome arrived is retried as a first connection again.
         let fresh = !hello.reconnect;
         if fresh {
+            // A fresh Hello means init has no spec: a new boot, or an adopted one whose agent
+            // died before init got the spec (the restarted agent rebuilt it from the store).
+            if self.adopted && !private.boot_id.is_empty() && hello.boot_id != private.boot_id {
+                let _ = conn
+                    .reject(format!(
+                        "boot id {:?} is not this instance's boot {:?}",
+                        hello.boot_id, private.boot_id
+                    ))
+                    .await;
+                return;
+            }
+            if self.stop_requested {
+                // Stopped before its workload ever ran: nothing to start now.
+                let _ = conn
+                    .reject("the instance was stopped before it started")
+                    .await;
+                self.kill(Kill::StopBeforeConnect);
+                return;
+            }
             let Some(spec) = self.spec.clone() else {
-                // An adopted boot never sends a spec again.
                 let _ = conn.reject("no spec for this boot").await;
                 return;
             };

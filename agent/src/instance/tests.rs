@@ -152,6 +152,15 @@ const S: i64 = 1_000_000_000;
 
 /// A manager over the fakes, in `dir`.
 fn manager(dir: &std::path::Path) -> (Arc<Manager>, Arc<FakeRuntime>) {
+    manager_with(dir, TaskTracker::new(), CancellationToken::new())
+}
+
+/// A manager over the fakes, in `dir`, with its supervisors' tracker and shutdown token.
+fn manager_with(
+    dir: &std::path::Path,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> (Arc<Manager>, Arc<FakeRuntime>) {
     let cfg = Config {
         state_dir: dir.join("s"),
         run_dir: dir.join("r"),
@@ -169,8 +178,8 @@ fn manager(dir: &std::path::Path) -> (Arc<Manager>, Arc<FakeRuntime>) {
         runtime.clone(),
         Arc::new(FakeImages),
         None,
-        TaskTracker::new(),
-        CancellationToken::new(),
+        tracker,
+        shutdown,
     )
     .unwrap();
     (mgr, runtime)
@@ -450,4 +459,77 @@ async fn a_first_hello_without_an_instance_id_gets_welcome_then_assign() {
         .unwrap();
     assert_eq!(mgr.entry("m").unwrap().private().boot_id, "member-boot");
     mgr.destroy("m").await.unwrap();
+}
+
+/// The agent died after committing a boot and before hearth-init got its spec: the restarted
+/// agent re-adopts the boot, rebuilds the spec from the store and welcomes init with it; an
+/// init of another boot is refused.
+#[tokio::test]
+async fn an_adopted_boot_whose_init_never_got_its_spec_gets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tracker, token) = (TaskTracker::new(), CancellationToken::new());
+    let (mgr, _runtime) = manager_with(dir.path(), tracker.clone(), token.clone());
+    mgr.create(
+        "a",
+        pb::InstanceSpec {
+            image: "registry.test/app:v1".into(),
+            env: [("K".to_owned(), "v".to_owned())].into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    mgr.start("a").await.unwrap();
+    // The agent goes before init dials (its supervisors detach, the boot runs on).
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    drop(mgr);
+
+    let (mgr, runtime) = manager(dir.path());
+    mgr.adopt().await.unwrap();
+    assert_eq!(
+        mgr.get("a").unwrap().state,
+        pb::InstanceState::Starting as i32
+    );
+    let hello = |boot: &str| init::Hello {
+        protocol_version: hearth_proto::PROTOCOL_VERSION,
+        instance_id: "a".into(),
+        boot_id: boot.into(),
+        ..Default::default()
+    };
+    let connect = |h: init::Hello| {
+        let path = dir.path().join("r/a.sock");
+        async move {
+            let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+            GuestChannel::connect(stream, h, Duration::from_secs(10)).await
+        }
+    };
+    let (ch, welcome) = connect(hello("b1")).await.unwrap();
+    let spec = welcome.spec.expect("the rebuilt spec");
+    assert_eq!(spec.instance_id, "a");
+    assert!(spec.env.contains(&"K=v".to_owned()), "{spec:?}");
+    let mut guest = ch.into_framed();
+    guest
+        .send(GuestMessage {
+            msg: Some(G::Started(init::Started {
+                pid: 7,
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    mgr.wait_for("a", &[pb::InstanceState::Running], Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(mgr.entry("a").unwrap().private().boot_id, "b1");
+    // Another boot's init saying Hello on this socket gets nothing.
+    match connect(hello("b2")).await {
+        Err(hearth_proto::channel::ChannelError::Rejected(why)) => {
+            assert!(why.contains("b2"), "{why}")
+        }
+        other => panic!("expected a reject, got {other:?}"),
+    }
+    assert_eq!(runtime.kills.load(Ordering::Relaxed), 0);
+    mgr.destroy("a").await.unwrap();
 }
