@@ -145,12 +145,17 @@ pub fn apply_layer_blob(
     let head = io::BufRead::fill_buf(&mut file).map_err(io_at("read", blob))?;
     // Labelled compressed but without the magic: the decoder will say so.
     let compression = Compression::sniff(head).unwrap_or(compression);
-    let reader: Box<dyn Read> = match compression {
+    let reader: Box<dyn Read + Send> = match compression {
         Compression::None => Box::new(file),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(file)),
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::with_buffer(file).map_err(UnpackError::Tar)?)
         }
+    };
+    // Decompress on a thread of its own: inflating overlaps with hashing and writing files.
+    let reader: Box<dyn Read> = match compression {
+        Compression::None => reader,
+        _ => Box::new(Pipe::spawn(reader)),
     };
     let mut hashing = HashingReader::new(reader);
     let stats = apply_layer(root, &mut hashing, options)?;
@@ -166,6 +171,86 @@ pub fn apply_layer_blob(
         });
     }
     Ok(stats)
+}
+
+/// What the decompressing thread sends.
+enum Chunk {
+    Data(Vec<u8>),
+    Failed(io::Error),
+    Done,
+}
+
+/// A reader fed by a thread that reads another reader ahead, in large chunks.
+struct Pipe {
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Pipe {
+    const CHUNK: usize = 1 << 20;
+
+    fn spawn(mut from: Box<dyn Read + Send>) -> Self {
+        // A few chunks ahead: enough to keep both sides busy, little memory.
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; Self::CHUNK];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match from.read(&mut buf[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.send(Chunk::Failed(e));
+                            return;
+                        }
+                    }
+                }
+                let end = filled < buf.len();
+                buf.truncate(filled);
+                // A send fails when the reader gave up: stop too.
+                if (filled > 0 && tx.send(Chunk::Data(buf)).is_err())
+                    || (end && tx.send(Chunk::Done).is_err())
+                    || end
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Chunk::Data(d)) => {
+                    self.cur = d;
+                    self.pos = 0;
+                }
+                Ok(Chunk::Failed(e)) => return Err(e),
+                Ok(Chunk::Done) => self.done = true,
+                // Ended without saying so: it panicked. Never pass that off as the end.
+                Err(_) => return Err(io::Error::other("the decompressing thread died")),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Removes whatever is at `path` (a directory with everything in it).
@@ -439,4 +524,48 @@ fn apply_xattrs(target: &Path, xattrs: &[(Vec<u8>, Vec<u8>)], options: UnpackOpt
 
 fn parse_num(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(bytes).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails after `ok` bytes.
+    struct Broken {
+        ok: usize,
+    }
+
+    impl Read for Broken {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.ok == 0 {
+                return Err(io::Error::other("broken"));
+            }
+            let n = buf.len().min(self.ok);
+            buf[..n].fill(7);
+            self.ok -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn pipe_passes_every_byte_and_every_error() {
+        for len in [0, 1, Pipe::CHUNK - 1, Pipe::CHUNK, 3 * Pipe::CHUNK + 5] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut out = Vec::new();
+            Pipe::spawn(Box::new(io::Cursor::new(data.clone())))
+                .read_to_end(&mut out)
+                .unwrap();
+            assert!(out == data, "length {len}");
+        }
+        let mut out = Vec::new();
+        let e = Pipe::spawn(Box::new(Broken { ok: 5 << 20 }))
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert_eq!(e.to_string(), "broken");
+        // The reader may stop early: the thread ends instead of blocking forever.
+        let mut p = Pipe::spawn(Box::new(io::repeat(1).take(64 << 20)));
+        let mut b = [0u8; 10];
+        p.read_exact(&mut b).unwrap();
+        drop(p);
+    }
 }
