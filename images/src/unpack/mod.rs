@@ -212,10 +212,11 @@ impl Pipe {
                 let end = filled < buf.len();
                 buf.truncate(filled);
                 // A send fails when the reader gave up: stop too.
-                if (filled > 0 && tx.send(Chunk::Data(buf)).is_err())
-                    || (end && tx.send(Chunk::Done).is_err())
-                    || end
-                {
+                if filled > 0 && tx.send(Chunk::Data(buf)).is_err() {
+                    return;
+                }
+                if end {
+                    let _ = tx.send(Chunk::Done);
                     return;
                 }
             }
