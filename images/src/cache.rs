@@ -823,7 +823,8 @@ impl ImageCache {
     }
 
     /// Evicts least-recently-used images (never pinned, in-use or `keep`) and unreferenced
-    /// blobs until the cache uses at most `budget` bytes, or nothing more may go.
+    /// blobs until the cache uses at most `budget` bytes, or nothing more may go. When over
+    /// the budget, the kept unpacked layer trees no pull is using go too.
     pub fn evict_to(&self, budget: u64, keep: Option<&Digest>) -> Result<EvictReport, EvictError> {
         self.inner.flush()?;
         let mut state = self.inner.lock_state();
@@ -846,6 +847,13 @@ impl ImageCache {
             })
             .collect();
         let plan = evict::plan(&candidates, &blob_sizes, &busy, budget);
+        if plan.before > budget {
+            // Kept layer trees only speed up pulls: they go first under pressure.
+            let trees = self.inner.staging.drop_unused_trees();
+            if trees > 0 {
+                tracing::info!(trees, "dropped kept layer trees");
+            }
+        }
         if !plan.images.is_empty() {
             let refs: Vec<String> = plan
                 .images

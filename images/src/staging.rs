@@ -182,6 +182,24 @@ impl Area {
     }
 }
 
+impl Area {
+    fn drop_unused(&self) -> usize {
+        let mut t = lock(&self.trees);
+        let unused: Vec<Digest> = t
+            .entries
+            .iter()
+            .filter(|(_, e)| e.users == 0)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &unused {
+            let e = t.entries.remove(c).expect("present");
+            t.total -= e.bytes;
+            remove_in_background(&self.dir, &self.tree_path(c));
+        }
+        unused.len()
+    }
+}
+
 /// Moves `path` aside within `dir` (one rename: the name is free again at once) and deletes it
 /// in the background.
 pub fn remove_in_background(dir: &Path, path: &Path) {
@@ -242,6 +260,15 @@ impl Staging {
     /// The disk area (`tmp/`).
     pub fn disk(&self) -> &Area {
         &self.disk
+    }
+
+    /// Deletes every kept tree no pull is using; returns how many.
+    pub fn drop_unused_trees(&self) -> usize {
+        self.tmpfs
+            .iter()
+            .chain([&self.disk])
+            .map(Area::drop_unused)
+            .sum()
     }
 }
 

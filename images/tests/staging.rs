@@ -238,7 +238,15 @@ fn kept_base_trees_are_reused_and_match_cold_builds() {
     assert_eq!(fs::read(m2.path("a/shared-too")).unwrap(), b"shared");
     assert_eq!(fs::metadata(m2.path("a/shared")).unwrap().nlink(), 2);
 
-    // Closing the cache gives the tmpfs back.
+    // Eviction under pressure drops the kept trees; closing the cache gives the tmpfs back.
+    let trees = tmpfs.areas()[0].join("trees");
+    let kept = || fs::read_dir(&trees).map_or(0, |d| d.count());
+    assert!(kept() > 0);
+    warm.evict_to(u64::MAX, None).unwrap();
+    assert!(kept() > 0, "no pressure, nothing dropped");
+    drop((m, m2));
+    warm.evict_to(1, None).unwrap();
+    wait_for("the kept trees to go", || kept() == 0);
     drop(warm);
     assert!(tmpfs.areas().is_empty(), "{:?}", tmpfs.areas());
 }
