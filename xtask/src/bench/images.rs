@@ -106,6 +106,14 @@ fn baseline(reference: &str, dir: &Path) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
+/// The 1-minute load average (the machines are shared: figures mean little without it).
+fn load() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Runs the benchmark.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     if !util::is_root() {
@@ -137,6 +145,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let host = registry.host();
 
     let (mut cold, mut cached, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let load_before = load();
     let (mut compressed, mut rootfs_bytes, mut cached_downloaded) = (0u64, 0u64, 0u64);
     let mut lookup_root = None;
     for run in 0..args.runs.max(1) {
@@ -176,14 +185,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         if !args.json {
             eprintln!(
-                "run {}: cold {:.2} s, base cached {:.2} s, skopeo+umoci+mkfs {:.2} s",
+                "run {}: cold {:.2} s, base cached {:.2} s, skopeo+umoci+mkfs {:.2} s (load {:.2})",
                 run + 1,
                 cold[run],
                 cached[run],
-                base[run]
+                base[run],
+                load()
             );
         }
     }
+    let load_after = load();
     let lookup_root = lookup_root.expect("at least one run");
     let l = json_of(
         Command::new(&bin)
@@ -222,6 +233,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 "baseline_s": base_s,
                 "speedup_ratio": speedup,
                 "cached_base_speedup_ratio": base_s / cached_s,
+                "cached_base_over_cold": cached_s / cold_s,
+                "load_before": load_before,
+                "load_after": load_after,
                 "cold_mb_per_s": mb / cold_s,
                 "baseline_mb_per_s": mb / base_s,
                 "cached_lookup_ms": lookup.p50,
@@ -262,6 +276,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             1.0
         );
         println!("(ratio = baseline seconds / these seconds; > 1 means Hearth is faster)");
+        println!(
+            "base cached / cold: {:.2}; 1-minute load {load_before:.2} before, {load_after:.2} after",
+            cached_s / cold_s
+        );
         println!(
             "cached lookup: p50 {:.4} ms, p99 {:.4} ms, max {:.4} ms over {} lookups; cache open {open_ms:.2} ms",
             lookup.p50, lookup.p99, lookup.max, lookup.n
