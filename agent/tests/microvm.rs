@@ -55,23 +55,8 @@ async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
     create_start(&mut c, "vm-1", spec).await;
 
     // The agent sees the guest's Hello arrive over vsock.
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let text = logs(&mut c, "vm-1").await;
-        if text.contains("hearth-init test-guest connected") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no connection: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let i = c
-        .get_instance(pb::GetInstanceRequest { id: "vm-1".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    wait_logs(&mut c, "vm-1", "hearth-init test-guest connected", LONG).await;
+    let i = get(&mut c, "vm-1").await;
     assert_eq!(state(&i), pb::InstanceState::Starting);
 
     // Its TAP exists, with the eBPF programs attached (pinned links).
@@ -107,13 +92,7 @@ async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
     assert!(m.vmm_vcpu_exits > 0, "{m:?}");
 
     // The guest ignores the Stop: SIGKILL to the VMM when grace + margin run out.
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "vm-1".into(),
-        signal: 0,
-        grace_millis: None,
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "vm-1", 0, None).await;
     let s = wait_state(&mut c, "vm-1", &[pb::InstanceState::Stopped], LONG).await;
     let e = s.exit.unwrap();
     assert_eq!(e.exit_code, 137, "{e:?}");
@@ -138,8 +117,6 @@ async fn vmm_guest_connects_tap_has_ebpf_and_grace_expiry_kills_the_vmm() {
         !env.cfg.bpf_root.join("vm-1").exists(),
         "the eBPF pins are removed"
     );
-    c.destroy_instance(pb::DestroyInstanceRequest { id: "vm-1".into() })
-        .await
-        .unwrap();
+    destroy(&mut c, "vm-1").await;
     agent.shutdown().await;
 }

@@ -248,13 +248,7 @@ async fn a_member_serves_one_instance_and_nothing_of_it_reaches_the_next() {
     assert!(member_cgroups(&env).contains(&member_a));
 
     // Its end destroys the member.
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "tenant-a".into(),
-        signal: 9,
-        grace_millis: Some(0),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "tenant-a", 9, Some(0)).await;
     wait_state(&mut c, "tenant-a", &[pb::InstanceState::Stopped], LONG).await;
     assert!(
         !member_cgroups(&env).contains(&member_a),
@@ -451,30 +445,34 @@ async fn config_pools_and_an_agent_killed_mid_run() {
     assert_eq!(p.source, "config");
 
     // hearthctl shows the pool.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
-        .arg("--socket")
-        .arg(&env.cfg.api.socket)
-        .args(["pool", "ls"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let socket = &env.cfg.api.socket;
+    let (ok, text, err) = hearthctl(socket, &["pool", "ls"]).await;
+    assert!(ok, "{text}{err}");
+    let memory = small().memory_mib.to_string();
     assert!(
-        text.contains(&img.busybox) && text.contains(&format!("1/{}M/64M", small().memory_mib)),
+        text.contains(&img.busybox) && text.contains(&format!("1/{memory}M/64M")),
         "{text}"
     );
     // hearthctl sets it (the API's target wins over the config's).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
-        .arg("--socket")
-        .arg(&env.cfg.api.socket)
-        .args(["--json", "pool", "set", &img.busybox, "2"])
-        .args(["--vcpus", "1", "--memory"])
-        .arg(small().memory_mib.to_string())
-        .args(["--disk", "64"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, out, err) = hearthctl(
+        socket,
+        &[
+            "--json",
+            "pool",
+            "set",
+            &img.busybox,
+            "2",
+            "--vcpus",
+            "1",
+            "--memory",
+            &memory,
+            "--disk",
+            "64",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         (v["target"].as_u64(), v["source"].as_str()),
         (Some(2), Some("api"))
@@ -525,13 +523,7 @@ async fn config_pools_and_an_agent_killed_mid_run() {
     };
     wait_ready_members(&mut c, &img.busybox, 2).await;
     assert!(member_cgroups(&env).contains(kept[0]));
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "survivor".into(),
-        signal: 9,
-        grace_millis: Some(0),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "survivor", 9, Some(0)).await;
     wait_state(&mut c, "survivor", &[pb::InstanceState::Stopped], LONG).await;
     assert!(!member_cgroups(&env).contains(kept[0]));
     drop(agent);

@@ -91,11 +91,7 @@ async fn a_vmm_member_is_claimed_and_gets_its_spec_over_vsock() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The member's TAP is the instance's now, with the eBPF pins under its name.
-    let i = c
-        .get_instance(pb::GetInstanceRequest { id: "vm-w".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let i = get(&mut c, "vm-w").await;
     let tap = std::fs::read_dir("/sys/class/net")
         .unwrap()
         .flatten()
@@ -115,19 +111,11 @@ async fn a_vmm_member_is_claimed_and_gets_its_spec_over_vsock() {
     let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
     let vmm = layout.instance(&member).pids();
     assert_eq!(vmm.len(), 1, "{vmm:?}");
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "vm-w".into(),
-        signal: 0,
-        grace_millis: Some(0),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "vm-w", 0, Some(0)).await;
     let s = wait_state(&mut c, "vm-w", &[pb::InstanceState::Stopped], LONG).await;
     assert_eq!(s.exit.unwrap().exit_code, 137);
     assert!(!layout.instance(&member).exists());
     assert!(!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
-    c.destroy_instance(pb::DestroyInstanceRequest { id: "vm-w".into() })
-        .await
-        .unwrap();
+    destroy(&mut c, "vm-w").await;
     agent.shutdown().await;
 }

@@ -50,13 +50,7 @@ async fn sigkilled_agent_restarts_and_readopts_everything() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A stop whose grace is still running when the agent dies.
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "stubborn".into(),
-        signal: 0,
-        grace_millis: None,
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "stubborn", 0, None).await;
     let before = events(&mut c, "").await;
     let pid_before = instance_pid(&env, "survivor");
 
@@ -70,21 +64,11 @@ async fn sigkilled_agent_restarts_and_readopts_everything() {
 
     let mut agent = AgentProcess::spawn(&config, &socket, &log);
     let mut c = agent.client().await;
-    let survivor = c
-        .get_instance(pb::GetInstanceRequest {
-            id: "survivor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let survivor = get(&mut c, "survivor").await;
     assert_eq!(state(&survivor), pb::InstanceState::Healthy);
     assert_eq!(survivor.boots, 1, "re-adopted, not rebooted");
     assert_eq!(instance_pid(&env, "survivor"), pid_before);
-    let idle = c
-        .get_instance(pb::GetInstanceRequest { id: "idle".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let idle = get(&mut c, "idle").await;
     assert_eq!(state(&idle), pb::InstanceState::Created);
 
     // Every event from before is still there, in order, and new ones continue the seqs.
@@ -140,13 +124,7 @@ async fn sigkilled_agent_restarts_and_readopts_everything() {
     let mut c = agent.client().await;
     let survivor = wait_state(&mut c, "survivor", &[pb::InstanceState::Healthy], LONG).await;
     assert_eq!(survivor.boots, 1);
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "survivor".into(),
-        signal: 0,
-        grace_millis: Some(10_000),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "survivor", 0, Some(10_000)).await;
     let s = wait_state(&mut c, "survivor", &[pb::InstanceState::Stopped], LONG).await;
     assert!(s.exit.unwrap().requested);
     let all = events(&mut c, "").await;

@@ -104,18 +104,7 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
     assert!(m.ebpf_packets_allowed > 0, "{m:?}");
 
     // Logs: httpd -v logs each response on stderr.
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let text = logs(&mut c, id).await;
-        if text.contains("response:200") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no request log in {text:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_logs(&mut c, id, "response:200", LONG).await;
 
     // Metrics from init, through the API and the Prometheus endpoint.
     let deadline = tokio::time::Instant::now() + LONG;
@@ -155,13 +144,7 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
         .instances;
     assert_eq!(listed.len(), 1);
 
-    c.stop_instance(pb::StopInstanceRequest {
-        id: id.into(),
-        signal: 0,
-        grace_millis: Some(30_000),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, id, 0, Some(30_000)).await;
     let stopped = wait_state(&mut c, id, &[pb::InstanceState::Stopped], LONG).await;
     let exit = stopped.exit.unwrap();
     assert!(exit.requested);
@@ -186,9 +169,7 @@ async fn create_ready_exec_logs_metrics_stop_with_ordered_events() {
         .unwrap();
     let again = wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
     assert_eq!(again.boots, 2);
-    c.destroy_instance(pb::DestroyInstanceRequest { id: id.into() })
-        .await
-        .unwrap();
+    destroy(&mut c, id).await;
     let err = c
         .get_instance(pb::GetInstanceRequest { id: id.into() })
         .await
@@ -224,21 +205,9 @@ async fn sigterm_handled_exits_0_and_sigterm_ignored_is_killed_after_grace() {
     for id in ["polite", "stubborn"] {
         wait_state(&mut c, id, &[pb::InstanceState::Healthy], LONG).await;
     }
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "polite".into(),
-        signal: 0,
-        grace_millis: Some(60_000),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "polite", 0, Some(60_000)).await;
     let grace_ms = 1_500;
-    c.stop_instance(pb::StopInstanceRequest {
-        id: "stubborn".into(),
-        signal: 0,
-        grace_millis: Some(grace_ms),
-    })
-    .await
-    .unwrap();
+    stop(&mut c, "stubborn", 0, Some(grace_ms)).await;
 
     let p = wait_state(&mut c, "polite", &[pb::InstanceState::Stopped], LONG).await;
     let e = p.exit.unwrap();
@@ -331,19 +300,9 @@ async fn sleep_after_expiry_emits_activity_expired_then_stops_unless_renewed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let i = c
-        .get_instance(pb::GetInstanceRequest {
-            id: "notify".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let i = get(&mut c, "notify").await;
     assert_eq!(state(&i), pb::InstanceState::Healthy);
-    c.destroy_instance(pb::DestroyInstanceRequest {
-        id: "notify".into(),
-    })
-    .await
-    .unwrap();
+    destroy(&mut c, "notify").await;
     agent.shutdown().await;
 }
 
@@ -648,11 +607,7 @@ async fn follow_logs_and_watch_events_stream_live() {
         seen.push('\n');
     }
     assert!(seen.contains("tick 0\ntick 1\n"), "{seen}");
-    c.destroy_instance(pb::DestroyInstanceRequest {
-        id: "ticker".into(),
-    })
-    .await
-    .unwrap();
+    destroy(&mut c, "ticker").await;
     agent.shutdown().await;
 }
 
@@ -813,91 +768,54 @@ async fn hearthctl_tables_and_json() {
     let env = Env::new(img.registry.clone());
     let agent = TestAgent::start(&env).await;
     let socket = env.cfg.api.socket.clone();
-    let ctl = move |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let ctl2 = ctl.clone();
-    let busybox = img.busybox.clone();
-    let memory = runtime::memory_mib(64);
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        ctl2(&[
+    let memory = runtime::memory_mib(64).to_string();
+    let (ok, out, err) = hearthctl(
+        &socket,
+        &[
             "run",
             "--id",
             "cli",
-            &busybox,
+            &img.busybox,
             "--memory",
-            &memory.to_string(),
+            &memory,
             "--",
             "/bin/sh",
             "-c",
             "echo hello from cli; sleep 1000",
-        ])
-    })
-    .await
-    .unwrap();
+        ],
+    )
+    .await;
     assert!(ok, "{out}{err}");
     assert!(out.contains("state        healthy"), "{out}");
-    let ctl3 = ctl.clone();
-    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl3(&["ls"]))
-        .await
-        .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["ls"]).await;
     assert!(ok);
     assert!(out.starts_with("ID "), "{out}");
     assert!(out.lines().nth(1).unwrap().starts_with("cli "), "{out}");
-    let ctl4 = ctl.clone();
-    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl4(&["--json", "get", "cli"]))
-        .await
-        .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["--json", "get", "cli"]).await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["state"], "healthy");
-    assert_eq!(v["memory_mib"], memory);
-    let ctl5 = ctl.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        for _ in 0..100 {
-            let (_, out, _) = ctl5(&["logs", "cli"]);
-            if out.contains("hello from cli") {
-                return out;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(v["memory_mib"].to_string(), memory);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let out = loop {
+        let (_, out, _) = hearthctl(&socket, &["logs", "cli"]).await;
+        if out.contains("hello from cli") {
+            break out;
         }
-        panic!("no output");
-    })
-    .await
-    .unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "no output: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(out.contains("hello from cli\n"), "{out}");
-    let ctl6 = ctl.clone();
-    let (ok, out, _) = tokio::task::spawn_blocking(move || {
-        ctl6(&["exec", "cli", "--", "/bin/echo", "in", "there"])
-    })
-    .await
-    .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["exec", "cli", "--", "/bin/echo", "in", "there"]).await;
     assert!(ok);
     assert_eq!(out, "in there\n");
-    let ctl7 = ctl.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl7(&["get", "Nope!"]))
-        .await
-        .unwrap();
+    let (ok, _, err) = hearthctl(&socket, &["get", "Nope!"]).await;
     assert!(!ok);
     assert!(
         err.contains("InvalidArgument") && err.contains("Invalid instance id"),
         "{err}"
     );
-    let ctl8 = ctl.clone();
-    let (ok, out, _) =
-        tokio::task::spawn_blocking(move || ctl8(&["--json", "events", "--id", "cli"]))
-            .await
-            .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["--json", "events", "--id", "cli"]).await;
     assert!(ok);
     let kinds: Vec<String> = out
         .lines()
@@ -910,12 +828,7 @@ async fn hearthctl_tables_and_json() {
         .collect();
     assert_eq!(kinds[..4], ["created", "starting", "started", "ready"]);
     // A pull streams progress; the last message says done.
-    let httpd = img.httpd.clone();
-    let ctl9 = ctl.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || ctl9(&["--json", "images", "pull", &httpd]))
-            .await
-            .unwrap();
+    let (ok, out, err) = hearthctl(&socket, &["--json", "images", "pull", &img.httpd]).await;
     assert!(ok, "{err}");
     let msgs: Vec<serde_json::Value> = out
         .lines()
@@ -935,29 +848,17 @@ async fn hearthctl_tables_and_json() {
             .any(|m| m["phase"] == "downloading" || m["phase"] == "resolving"),
         "{out}"
     );
-    let ctl10 = ctl.clone();
-    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl10(&["images", "ls"]))
-        .await
-        .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["images", "ls"]).await;
     assert!(ok);
     assert!(out.contains("hearth/busybox"), "{out}");
     assert!(out.contains("hearth/httpd"), "{out}");
     // An image an instance uses stays; an unused one goes.
-    let (busybox, httpd) = (img.busybox.clone(), img.httpd.clone());
-    let ctl11 = ctl.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl11(&["images", "rm", &busybox]))
-        .await
-        .unwrap();
+    let (ok, _, err) = hearthctl(&socket, &["images", "rm", &img.busybox]).await;
     assert!(!ok);
     assert!(err.contains("FailedPrecondition"), "{err}");
-    let ctl12 = ctl.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || ctl12(&["images", "rm", &httpd]))
-        .await
-        .unwrap();
+    let (ok, _, err) = hearthctl(&socket, &["images", "rm", &img.httpd]).await;
     assert!(ok, "{err}");
-    let (ok, out, _) = tokio::task::spawn_blocking(move || ctl(&["images", "ls"]))
-        .await
-        .unwrap();
+    let (ok, out, _) = hearthctl(&socket, &["images", "ls"]).await;
     assert!(ok);
     assert!(!out.contains("hearth/httpd"), "{out}");
     agent.shutdown().await;
@@ -996,26 +897,16 @@ async fn ingress_starts_on_request_and_requests_count_as_activity() {
         let (status, _) = http_get(ingress, "lazy").await;
         assert_eq!(status, 200);
     }
-    let i = c
-        .get_instance(pb::GetInstanceRequest { id: "lazy".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let i = get(&mut c, "lazy").await;
     assert_eq!(state(&i), pb::InstanceState::Healthy);
     assert!(!names(&events(&mut c, "lazy").await).contains(&"activity_expired"));
     // Then it sleeps, and the next request wakes it again (boot 2).
     wait_state(&mut c, "lazy", &[pb::InstanceState::Stopped], LONG).await;
     let (status, _) = http_get(ingress, "lazy").await;
     assert_eq!(status, 200);
-    let i = c
-        .get_instance(pb::GetInstanceRequest { id: "lazy".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let i = get(&mut c, "lazy").await;
     assert_eq!(i.boots, 2);
-    c.destroy_instance(pb::DestroyInstanceRequest { id: "lazy".into() })
-        .await
-        .unwrap();
+    destroy(&mut c, "lazy").await;
     agent.shutdown().await;
 }
 
@@ -1042,11 +933,7 @@ async fn shutdown_stops_instances_when_configured() {
     // The next agent finds it stopped by the shutdown, with its exit code.
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
-    let i = c
-        .get_instance(pb::GetInstanceRequest { id: "bye".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let i = get(&mut c, "bye").await;
     assert_eq!(state(&i), pb::InstanceState::Stopped);
     assert_eq!(i.exit.unwrap().exit_code, 0);
     let evs = events(&mut c, "bye").await;
@@ -1142,10 +1029,6 @@ async fn instance_type_limits_are_enforced() {
     assert_ne!(r.exit_code, 0);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("No space left"), "{err}");
-    c.destroy_instance(pb::DestroyInstanceRequest {
-        id: "limited".into(),
-    })
-    .await
-    .unwrap();
+    destroy(&mut c, "limited").await;
     agent.shutdown().await;
 }

@@ -262,6 +262,48 @@ pub async fn create_start(c: &mut Client, id: &str, spec: pb::InstanceSpec) {
         .unwrap();
 }
 
+/// The instance `id` (which must exist).
+pub async fn get(c: &mut Client, id: &str) -> pb::Instance {
+    c.get_instance(pb::GetInstanceRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Asks for a stop of `id` with `signal` (0: the spec's) and `grace_millis` (None: the spec's).
+pub async fn stop(c: &mut Client, id: &str, signal: i32, grace_millis: Option<i64>) {
+    c.stop_instance(pb::StopInstanceRequest {
+        id: id.into(),
+        signal,
+        grace_millis,
+    })
+    .await
+    .unwrap();
+}
+
+/// Destroys `id`.
+pub async fn destroy(c: &mut Client, id: &str) {
+    c.destroy_instance(pb::DestroyInstanceRequest { id: id.into() })
+        .await
+        .unwrap();
+}
+
+/// Polls the logs of `id` until they contain `needle`; returns them.
+pub async fn wait_logs(c: &mut Client, id: &str, needle: &str, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let text = logs(c, id).await;
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in the logs of {id}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `sh -c script` in the instance: exit code, and stdout followed by stderr.
 pub async fn exec_sh(c: &mut Client, id: &str, script: &str) -> (i32, String) {
     let r = c
@@ -407,6 +449,22 @@ pub async fn logs(c: &mut Client, id: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `hearthctl --socket SOCKET ARGS...`: (success, stdout, stderr).
+pub async fn hearthctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearthctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The `hearth-agent` binary as a child process (for SIGKILL tests).
 pub struct AgentProcess {
     pub child: Child,
@@ -416,6 +474,16 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn spawn(config: &Path, socket: &Path, log_path: &Path) -> Self {
+        Self::spawn_with_env(config, socket, log_path, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables (e.g. test failpoints).
+    pub fn spawn_with_env(
+        config: &Path,
+        socket: &Path,
+        log_path: &Path,
+        vars: &[(&str, &str)],
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -424,6 +492,8 @@ impl AgentProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_hearth-agent"))
             .arg("--config")
             .arg(config)
+            .envs(vars.iter().copied())
+            .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
