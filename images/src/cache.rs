@@ -4,7 +4,9 @@
 //! A prefetch resolves the reference (an index to its linux/amd64 manifest), downloads the
 //! config and layers concurrently into the blob store (each blob verified while it streams,
 //! and downloaded once however many pulls want it at the same time), applies the layers in
-//! order as they arrive, builds the rootfs block image, and records the image in the index.
+//! order as they arrive (in a staging tree on a tmpfs when there is room, starting from the
+//! kept tree of the longest prefix of its layers another pull unpacked: see `staging`), builds
+//! the rootfs block image, and records the image in the index.
 //! The image's directory appears by one rename and its index record by one transaction, after
 //! everything it needs is on disk: a crash at any point leaves either no trace or a complete
 //! image.
