@@ -2,16 +2,17 @@
 //! hearth-agent, from the `StartInstance` call to the first successful HTTP response through
 //! the agent's ingress, with the agent's own breakdown from the `started` and `ready` events.
 //!
-//! Usage: `bench_start --socket PATH --ingress HOST:PORT --image REF`, then one command per
-//! line on stdin, one JSON object per line on stdout:
+//! Usage: `bench_start --socket PATH --ingress HOST:PORT --image REF [--memory-mib N]` (the
+//! instances' memory, default 64; a microVM needs more), then one command per line on stdin,
+//! one JSON object per line on stdout:
 //!
 //! - `pool N`: sets the warm pool of the image (the warm instance type) to N members and waits
 //!   until they are ready.
 //! - `cold ID` / `warm ID`: creates instance ID (the cold or the warm instance type: only the
 //!   warm one has a pool), waits (warm) until the pool is full, times its start, destroys it.
 //!
-//! Cold instances differ from warm ones only in their disk size (63 vs 64 MiB of tmpfs
-//! limit), so that no pool matches them.
+//! Cold instances differ from warm ones only in their disk size (63 vs 64 MiB of writable
+//! layer), so that no pool matches them.
 
 use std::{
     io::BufRead as _,
@@ -34,17 +35,20 @@ struct Opts {
     socket: PathBuf,
     ingress: SocketAddr,
     image: String,
+    memory_mib: u64,
 }
 
 fn opts() -> anyhow::Result<Opts> {
     let mut args = std::env::args().skip(1);
     let (mut socket, mut ingress, mut image) = (None, None, None);
+    let mut memory_mib = 64;
     while let Some(a) = args.next() {
         let v = args.next().with_context(|| format!("{a} needs a value"))?;
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(v)),
             "--ingress" => ingress = Some(v.parse().context("--ingress HOST:PORT")?),
             "--image" => image = Some(v),
+            "--memory-mib" => memory_mib = v.parse().context("--memory-mib N")?,
             _ => bail!("unknown option {a}"),
         }
     }
@@ -52,13 +56,14 @@ fn opts() -> anyhow::Result<Opts> {
         socket: socket.context("--socket is required")?,
         ingress: ingress.context("--ingress is required")?,
         image: image.context("--image is required")?,
+        memory_mib,
     })
 }
 
-fn instance_type(warm: bool) -> pb::InstanceType {
+fn instance_type(o: &Opts, warm: bool) -> pb::InstanceType {
     pb::InstanceType {
         vcpus: 1,
-        memory_mib: 64,
+        memory_mib: o.memory_mib,
         disk_mib: if warm { 64 } else { 63 },
     }
 }
@@ -123,7 +128,7 @@ async fn time_start(
         id: id.to_owned(),
         spec: Some(pb::InstanceSpec {
             image: o.image.clone(),
-            instance_type: Some(instance_type(warm)),
+            instance_type: Some(instance_type(o, warm)),
             required_ports: vec![8080],
             default_port: 8080,
             ..Default::default()
@@ -204,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 let size: u32 = n.parse().context("pool N")?;
                 c.set_warm_pool(pb::SetWarmPoolRequest {
                     image: o.image.clone(),
-                    instance_type: Some(instance_type(true)),
+                    instance_type: Some(instance_type(&o, true)),
                     size,
                 })
                 .await?;

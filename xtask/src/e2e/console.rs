@@ -114,6 +114,20 @@ impl Checks {
         );
     }
 
+    /// The workload saw eth0 with `addr` and a default route via `gateway`.
+    fn network(&mut self, text: &str, addr: &str, gateway: &str) {
+        self.contains(
+            text,
+            &format!("{STDOUT}{WORKLOAD}eth0={addr}"),
+            "eth0 does not carry the spec's address",
+        );
+        self.contains(
+            text,
+            &format!("{STDOUT}{WORKLOAD}route=default via {gateway}"),
+            "there is no default route via the spec's gateway",
+        );
+    }
+
     fn finish(self) -> anyhow::Result<()> {
         if self.failed.is_empty() {
             Ok(())
@@ -163,16 +177,7 @@ pub fn check_run(text: &str, addr: &str, gateway: &str) -> anyhow::Result<()> {
         &out("wrote=written"),
         "the workload could not write to its root",
     );
-    c.contains(
-        text,
-        &out(&format!("eth0={addr}")),
-        "eth0 does not carry the spec's address",
-    );
-    c.contains(
-        text,
-        &out(&format!("route=default via {gateway}")),
-        "there is no default route via the spec's gateway",
-    );
+    c.network(text, addr, gateway);
     c.contains(
         text,
         &format!("{STDERR}{WORKLOAD}to stderr"),
@@ -209,11 +214,19 @@ pub fn check_stop(text: &str) -> anyhow::Result<()> {
 /// The VMM's boot-timer line (`docs/vmm.md`), tagged by the runner as the VMM's stderr.
 const BOOT_TIMER_LINE: &str = "hearth-vmm boot-timer: guest_boot_us=";
 
-/// The hearth-vmm boot on hardware KVM: init ran the workload, the boot timer was hit, and the
-/// VMM ended because the guest reset. Returns the boot time in microseconds.
-pub fn check_hardware(text: &str, vmm_exit: Option<i32>) -> anyhow::Result<u64> {
+/// The hearth-vmm boot on hardware KVM: init ran the workload, configured eth0 with
+/// `network`'s (address, gateway) when given, the boot timer was hit, and the VMM ended because
+/// the guest reset. Returns the boot time in microseconds.
+pub fn check_hardware(
+    text: &str,
+    vmm_exit: Option<i32>,
+    network: Option<(&str, &str)>,
+) -> anyhow::Result<u64> {
     let mut c = Checks::default();
     c.common(text);
+    if let Some((addr, gateway)) = network {
+        c.network(text, addr, gateway);
+    }
     c.contains(
         text,
         ROOT_MOUNTED,
@@ -284,8 +297,17 @@ hearth-init: exited code=7 reason=exit
     #[test]
     fn hardware_boot_needs_the_boot_timer_and_a_reset() {
         let text = format!("{RUN}[vmm stderr] hearth-vmm boot-timer: guest_boot_us=81234\n");
-        assert_eq!(check_hardware(&text, Some(0)).unwrap(), 81234);
-        let err = check_hardware(RUN, Some(3)).unwrap_err().to_string();
+        assert_eq!(check_hardware(&text, Some(0), None).unwrap(), 81234);
+        let net = Some(("10.0.2.15/24", "10.0.2.2"));
+        assert_eq!(check_hardware(&text, Some(0), net).unwrap(), 81234);
+        let err = check_hardware(&text, Some(0), Some(("10.213.9.2/24", "10.213.9.1")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("2 check(s)") && err.contains("eth0"),
+            "{err}"
+        );
+        let err = check_hardware(RUN, Some(3), None).unwrap_err().to_string();
         assert!(
             err.contains("boot-timer") && err.contains("Some(3)"),
             "{err}"
