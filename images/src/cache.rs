@@ -1296,7 +1296,8 @@ impl ImageCache {
     }
 
     /// Fills `tree` with the image's layers: clones the longest kept tree of a prefix of its
-    /// layer chain, then applies the remaining layers in order as their downloads finish.
+    /// layer chain, then applies the remaining layers in order as their downloads finish
+    /// (keeping a clone of the tree below the top layer on the way).
     /// Waits for every layer's download (the image record needs them all). Returns the tree's
     /// apparent size in bytes.
     #[allow(clippy::too_many_arguments)]
@@ -1345,6 +1346,30 @@ impl ImageCache {
                 layer: i,
                 layers: n,
             });
+            // Images often differ from the ones before only in their top layer (a new version
+            // of an app): keep the tree of the layers below it too.
+            if let Some(chains) = chains
+                && i > start
+                && i + 1 == n
+                && area.wants(&chains[i - 1])
+            {
+                let prefix = tree.with_file_name("below-top");
+                let (src, dst) = (tree.to_owned(), prefix.clone());
+                let cloned = tracker
+                    .drive(blocking(move || {
+                        fs::create_dir(&dst)?;
+                        staging::clone_tree(&src, &dst, options.preserve_ownership)
+                    }))
+                    .await?;
+                match cloned {
+                    Ok(_) => {
+                        area.keep(&prefix, &chains[i - 1], bytes);
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot keep the tree below the top layer")
+                    }
+                }
+            }
             let blob = self.inner.blobs.path(&layer.digest);
             let diff_id = diff_ids.map(|d| d[i].clone());
             let compression = records[i].compression;

@@ -134,11 +134,16 @@ impl Area {
         None
     }
 
+    /// Whether trees are kept here at all and `chain`'s is not yet.
+    pub fn wants(&self, chain: &Digest) -> bool {
+        self.budget > 0 && !lock(&self.trees).entries.contains_key(chain)
+    }
+
     /// Keeps the finished tree at `tree` (which is moved) as the tree of `chain`, if it fits
     /// the budget; evicts least recently used trees to make room. False when not kept (the
     /// caller removes `tree`).
     pub fn keep(&self, tree: &Path, chain: &Digest, bytes: u64) -> bool {
-        if bytes > self.budget {
+        if self.budget == 0 || bytes > self.budget {
             return false;
         }
         let mut t = lock(&self.trees);

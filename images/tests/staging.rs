@@ -252,6 +252,36 @@ fn kept_base_trees_are_reused_and_match_cold_builds() {
 }
 
 #[test]
+fn a_new_top_layer_on_the_same_layers_applies_only_that_layer() {
+    require!(checks());
+    let registry = Registry::start();
+    let v1 = image(Some(app1_layer())).push(&registry, "hearth/app", "v1");
+    let v2 = image(Some(app2_layer())).push(&registry, "hearth/app", "v2");
+    let rt = runtime();
+    // The default staging: /dev/shm.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = common::open(dir.path(), &registry);
+    let events = Events::default();
+    let sink = events.sink();
+    rt.block_on(cache.prefetch(&r(&v1), &sink)).unwrap();
+    assert_eq!(unpacked_layers(&events), [0, 1, 2]);
+    let img = rt.block_on(cache.prefetch(&r(&v2), &sink)).unwrap();
+    assert_eq!(
+        unpacked_layers(&events),
+        [2],
+        "only the new top layer applied"
+    );
+    let m = Mounted::new(&img.rootfs_path, "erofs");
+    assert_eq!(
+        fs::read(m.path("a/keep")).unwrap(),
+        b"keep",
+        "v1's top layer is not in v2"
+    );
+    assert_eq!(fs::read(m.path("app2")).unwrap(), b"app2");
+    assert_eq!(fs::read(m.path("b/x")).unwrap(), b"x");
+}
+
+#[test]
 fn a_full_tmpfs_falls_back_to_the_disk() {
     require!(checks());
     let registry = Registry::start();
