@@ -118,6 +118,15 @@ insecure_registries = []
 pull_on_create = true
 # Disk budget of the cache in bytes (0 = no limit).
 budget_bytes = 0
+# Layers are unpacked on this tmpfs before mkfs (thousands of small files are cheap there and
+# costly on a disk file system); its pages are RAM charged to the agent's cgroup. Used when the
+# estimated unpacked image fits staging_tmpfs_max_bytes, the tmpfs's free space and half the
+# available memory, else the cache's tmp/ on disk. "" = always on disk.
+staging_tmpfs = "/dev/shm"
+staging_tmpfs_max_bytes = 4294967296
+# Unpacked base-layer trees kept (on the staging tmpfs when used, so RAM) to speed up pulls of
+# images that share base layers; least recently used go first (0 = keep none).
+layer_tree_cache_bytes = 1073741824
 
 [pool]
 # Warm pools: instances booted ahead of demand (sandbox or VM up, hearth-init connected and
@@ -390,6 +399,12 @@ pub struct ImagesConfig {
     pub pull_on_create: bool,
     /// Disk budget (0: none).
     pub budget_bytes: u64,
+    /// Tmpfs to unpack layers on (empty: on disk).
+    pub staging_tmpfs: PathBuf,
+    /// Largest estimated unpacked image staged on the tmpfs.
+    pub staging_tmpfs_max_bytes: u64,
+    /// Unpacked base-layer trees kept for later pulls (0: none).
+    pub layer_tree_cache_bytes: u64,
 }
 
 /// Warm pools.

@@ -158,6 +158,10 @@ impl HearthImages {
     pub fn open(cfg: &crate::config::Config) -> Result<Self, ImageError> {
         let mut c = hearth_images::CacheConfig::new(cfg.images_dir());
         c.disk_budget_bytes = cfg.images.budget_bytes;
+        c.staging_tmpfs =
+            Some(cfg.images.staging_tmpfs.clone()).filter(|p| !p.as_os_str().is_empty());
+        c.staging_tmpfs_max_bytes = cfg.images.staging_tmpfs_max_bytes;
+        c.layer_tree_cache_bytes = cfg.images.layer_tree_cache_bytes;
         for r in &cfg.images.insecure_registries {
             c = c.registry(
                 r.clone(),
