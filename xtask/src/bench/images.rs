@@ -46,15 +46,7 @@ impl Drop for WorkDir {
 
 fn build_bench_binary() -> anyhow::Result<PathBuf> {
     let target_dir = hearth_testkit::artifacts::artifacts_dir().join("release");
-    let mut cmd = util::cargo();
-    for var in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = hearth_testkit::artifacts::nested_cargo();
     cmd.current_dir(util::root())
         .args([
             "build",
