@@ -450,24 +450,23 @@ async fn over_the_memory_limit_is_stopped_oom_137() {
     let agent = TestAgent::start(&env).await;
     let mut c = agent.client.clone();
     let it = runtime::instance_type(1, 32, 16);
-    // One buffer four times the instance's memory: more than any limit lets it hold.
-    let block = format!("bs={}M", 4 * it.memory_mib);
+    let hog = if runtime::microvm() {
+        // The guest's RAM is the limit. One buffer of 90% of what the kernel counts as RAM:
+        // small enough for the kernel's overcommit check (a larger one would fail to allocate
+        // instead of being killed), more than is free beside the kernel and hearth-init.
+        "exec /bin/busybox dd if=/dev/zero of=/dev/null count=4 \
+         bs=$(( $(awk '/^MemTotal:/ { print $2 }' /proc/meminfo) * 9 / 10 ))k"
+            .to_owned()
+    } else {
+        // One buffer four times the cgroup's limit.
+        format!(
+            "exec /bin/busybox dd if=/dev/zero of=/dev/null count=4 bs={}M",
+            4 * it.memory_mib
+        )
+    };
     let spec = pb::InstanceSpec {
-        image: img.busybox.clone(),
-        entrypoint: Some(pb::Command {
-            args: vec!["/bin/busybox".into()],
-        }),
-        cmd: Some(pb::Command {
-            args: vec![
-                "dd".into(),
-                "if=/dev/zero".into(),
-                "of=/dev/null".into(),
-                block,
-                "count=4".into(),
-            ],
-        }),
         instance_type: Some(it),
-        ..Default::default()
+        ..sh_spec(&img.busybox, &hog)
     };
     create_start(&mut c, "hog", spec).await;
     let i = wait_state(
