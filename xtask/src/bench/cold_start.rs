@@ -177,15 +177,7 @@ fn free_port() -> anyhow::Result<u16> {
 /// Builds the release agent and the benchmark client.
 fn build() -> anyhow::Result<PathBuf> {
     let target_dir = hearth_testkit::artifacts::artifacts_dir().join("release");
-    let mut cmd = util::cargo();
-    for var in [
-        "CARGO_TARGET_DIR",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
-    }
+    let mut cmd = hearth_testkit::artifacts::nested_cargo();
     cmd.current_dir(util::root())
         .args(["build", "--quiet", "--release", "--package", "hearth-agent"])
         .args(["--bin", "hearth-agent", "--example", "bench_start"])
