@@ -2,17 +2,14 @@
 //! `hearth_agent::instance::failpoint` (`HEARTH_TEST_FAILPOINTS`): after a restart no instance
 //! is lost. A warm start killed after the claim was committed and before hearth-init got the
 //! spec runs on the member it claimed; one killed before the commit is as it was and starts
-//! again; a cold start killed before init was welcomed runs on its boot. Also shows that a
+//! again; a cold start killed before init was welcomed runs on its boot; one killed after the
+//! launch and before its runtime was stored is reported lost, its boot reaped, and it starts
+//! again. Also shows that a
 //! warm-pool member has its root assembled before any spec.
 
 mod common;
 
-use std::{
-    os::unix::process::ExitStatusExt as _,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{os::unix::process::ExitStatusExt as _, path::Path, time::Duration};
 
 use common::*;
 use hearth_agent::{ctl::Client, instance::failpoint, model::pb};
@@ -21,25 +18,12 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// The agent binary with `failpoints` armed.
 fn spawn_armed(env: &Env, config: &Path, log: &Path, failpoints: &str) -> AgentProcess {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_hearth-agent"))
-        .arg("--config")
-        .arg(config)
-        .env(failpoint::ENV, failpoints)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    AgentProcess {
-        child,
-        socket: env.cfg.api.socket.clone(),
-        log: log.to_owned(),
-    }
+    AgentProcess::spawn_with_env(
+        config,
+        &env.cfg.api.socket,
+        log,
+        &[(failpoint::ENV, failpoints)],
+    )
 }
 
 /// Waits for the armed agent to die at its failpoint (SIGKILL).
@@ -201,7 +185,7 @@ async fn ticks(c: &mut Client, id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_between_claim_and_assign_the_instance_runs_on_its_member() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = pooled_env(&img);
     let config = env.write_config();
@@ -273,7 +257,7 @@ async fn killed_between_claim_and_assign_the_instance_runs_on_its_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_before_the_claim_was_committed_the_instance_starts_again() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = pooled_env(&img);
     let config = env.write_config();
@@ -327,7 +311,7 @@ async fn killed_before_the_claim_was_committed_the_instance_starts_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_before_a_cold_boot_was_welcomed_the_instance_runs() {
-    hearth_testkit::require!(hearth_testkit::skip::root());
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
     let img = images();
     let env = Env::new(img.registry.clone());
     let config = env.write_config();
@@ -357,5 +341,53 @@ async fn killed_before_a_cold_boot_was_welcomed_the_instance_runs() {
     .unwrap();
     let s = wait_state(&mut c, "crash-cold", &[pb::InstanceState::Stopped], LONG).await;
     assert!(s.exit.unwrap().requested);
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_launch_and_commit_the_boot_is_reaped() {
+    hearth_testkit::require!(hearth_testkit::skip::root(), runtime::unavailable());
+    let img = images();
+    let env = Env::new(img.registry.clone());
+    let config = env.write_config();
+    let log = env.dir.path().join("agent.log");
+    let mut agent = spawn_armed(&env, &config, &log, "cold-launched");
+    let mut c = agent.client().await;
+
+    start_and_crash(&mut c, &mut agent, "crash-launch", &img.busybox).await;
+    // The boot runs on, known to nobody: no runtime state was stored.
+    let orphans = cgroup_pids(&env, "crash-launch");
+    assert!(!orphans.is_empty(), "the launch left no processes");
+
+    let mut agent = AgentProcess::spawn(&config, &env.cfg.api.socket, &log);
+    let mut c = agent.client().await;
+    let i = wait_state(&mut c, "crash-launch", &[pb::InstanceState::Failed], LONG).await;
+    assert_eq!(
+        i.error.as_ref().map(|e| e.kind),
+        Some(pb::ErrorKind::Lost as i32),
+        "{i:?}"
+    );
+    // Reaped: its cgroup and every process in it are gone.
+    let cgroup = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent)
+        .unwrap()
+        .instance("crash-launch");
+    assert!(!cgroup.exists(), "the orphaned boot's cgroup stays");
+    for pid in orphans {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.contains("crash-launch"));
+        assert!(!alive, "process {pid} of the orphaned boot still runs");
+    }
+
+    // A new start is a clean second boot.
+    c.start_instance(pb::StartInstanceRequest {
+        id: "crash-launch".into(),
+    })
+    .await
+    .unwrap();
+    let i = wait_state(&mut c, "crash-launch", &[pb::InstanceState::Healthy], LONG).await;
+    assert_eq!(i.boots, 2, "{i:?}");
+    let (code, out) = exec(&mut c, "crash-launch", "cat /etc/hostname").await;
+    assert_eq!((code, out.trim()), (0, "crash-launch"));
+    ticks(&mut c, "crash-launch").await;
     drop(agent);
 }

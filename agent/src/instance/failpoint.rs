@@ -8,6 +8,8 @@
 //!   instance; nothing is committed yet.
 //! - `warm-committed`: the warm boot (the member's runtime and boot id) is committed; hearth-init
 //!   has not been sent the spec.
+//! - `cold-launched`: a cold boot's runtime runs (hearth-init or hearth-vmm started in the
+//!   instance's cgroup); its state is not committed yet.
 //! - `cold-committed`: a cold boot's runtime is committed; hearth-init has not been welcomed.
 
 use std::sync::OnceLock;

@@ -718,6 +718,9 @@ impl Manager {
             us = t0.elapsed().as_micros(),
             "launched"
         );
+        // A crash from here until the runtime is committed: the restarted agent reaps the boot
+        // (`Runtime::reap`) and reports the start as lost.
+        failpoint::hit("cold-launched");
         // The sandbox's veth goes into the namespace of its init (or init joined the one
         // prepared with it), before init gets its spec.
         if let (Some(net), crate::config::RuntimeKind::Sandbox) = (&self.net, self.runtime.kind()) {
@@ -1267,6 +1270,11 @@ impl Manager {
             }
             let private = entry.private();
             let Some(rt) = private.runtime.clone() else {
+                // Whatever the launch had started runs in the instance's cgroup, unknown to
+                // anyone: it goes, so the next start begins clean and nothing runs unaccounted.
+                if let Err(e) = self.runtime.reap(&entry.id) {
+                    tracing::warn!(id = %entry.id, error = %anyhow_chain(&e), "cannot remove what the interrupted launch left");
+                }
                 entry.commit(&self.events, &self.clock, |i, _| {
                     let error = pb::InstanceError {
                         kind: pb::ErrorKind::Lost as i32,

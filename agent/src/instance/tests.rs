@@ -93,6 +93,10 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
+    fn reap(&self, _id: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     fn oom_kills(&self, _state: &RuntimeState) -> u64 {
         0
     }

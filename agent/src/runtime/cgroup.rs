@@ -352,6 +352,15 @@ impl InstanceCgroup {
         }
     }
 
+    /// Kills every process in it and removes it, when it exists.
+    pub fn reap(&self) -> Result<(), CgroupError> {
+        if !self.exists() {
+            return Ok(());
+        }
+        self.kill_all();
+        self.remove()
+    }
+
     /// Removes the directories (descendants first). Fails while processes remain.
     pub fn remove(&self) -> Result<(), CgroupError> {
         for (_, d) in &self.dirs {

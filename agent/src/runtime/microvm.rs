@@ -252,10 +252,7 @@ impl Runtime for Microvm {
             .stderr(err_out)
             .process_group(0);
         let cgroup = self.cgroups.instance(req.id);
-        if cgroup.exists() {
-            cgroup.kill_all();
-            cgroup.remove()?;
-        }
+        cgroup.reap()?;
         cgroup.create(&Limits {
             memory_bytes: (req.instance_type.memory_mib + VMM_OVERHEAD_MIB) << 20,
             vcpus: req.instance_type.vcpus,
@@ -312,6 +309,16 @@ impl Runtime for Microvm {
         }
         let _ = std::fs::remove_file(self.scratch_path(&state.dir));
         let _ = std::fs::remove_dir_all(&state.dir);
+        Ok(())
+    }
+
+    fn reap(&self, id: &str) -> Result<(), RuntimeError> {
+        self.cgroups.instance(id).reap()?;
+        let dir = self.instance_dir(id);
+        remove_if_exists(&self.control_socket(id));
+        remove_if_exists(&self.vsock_socket(id));
+        let _ = std::fs::remove_file(self.scratch_path(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 

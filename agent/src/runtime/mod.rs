@@ -141,6 +141,9 @@ pub trait Runtime: Send + Sync {
     fn kill(&self, state: &RuntimeState);
     /// Removes what the boot left (cgroup, sockets, scratch files); after the process ended.
     fn cleanup(&self, state: &RuntimeState) -> Result<(), RuntimeError>;
+    /// Kills and removes what a boot of `id` left with no [`RuntimeState`] to find it by (the
+    /// agent died between launch and storing the state): its cgroup and every process in it.
+    fn reap(&self, id: &str) -> Result<(), RuntimeError>;
     /// OOM kills seen in the instance (0 when the runtime cannot tell).
     fn oom_kills(&self, state: &RuntimeState) -> u64;
     /// Resource use seen from outside.

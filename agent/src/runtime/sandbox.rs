@@ -91,12 +91,9 @@ impl Runtime for Sandbox {
             path: dir.clone(),
             source,
         })?;
+        // Left from a boot that ended while the agent was down.
         let cgroup = self.cgroups.instance(req.id);
-        if cgroup.exists() {
-            // Left from a boot that ended while the agent was down.
-            cgroup.kill_all();
-            cgroup.remove()?;
-        }
+        cgroup.reap()?;
         cgroup.create(&Limits {
             memory_bytes: req.instance_type.memory_mib << 20,
             vcpus: req.instance_type.vcpus,
@@ -182,6 +179,13 @@ impl Runtime for Sandbox {
         }
         remove_if_exists(&state.control_socket);
         let _ = std::fs::remove_dir_all(&state.dir);
+        Ok(())
+    }
+
+    fn reap(&self, id: &str) -> Result<(), RuntimeError> {
+        self.cgroups.instance(id).reap()?;
+        remove_if_exists(&self.control_socket(id));
+        let _ = std::fs::remove_dir_all(self.instance_dir(id));
         Ok(())
     }
 
