@@ -246,12 +246,11 @@ async fn routes_by_host_or_header_and_counts_every_request() {
 
 #[tokio::test]
 async fn the_proxy_answers_in_json_when_it_cannot_forward() {
-    // A port nothing listens on: bind, note it, close.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nothing listens on, held (bound, never listening) for the whole test so that no
+    // other test's socket can take it: connecting to it is refused.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
     let router = TestRouter::new(&[
         ("booting", Route::Starting),
         ("asleep", Route::Stopped),
