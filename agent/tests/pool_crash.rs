@@ -57,26 +57,6 @@ fn pooled_env(img: &Images) -> Env {
     env
 }
 
-async fn ready_members(c: &mut Client, image: &str) -> u32 {
-    let l = c
-        .list_warm_pools(pb::ListWarmPoolsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    l.pools
-        .iter()
-        .find(|p| p.image == image)
-        .map_or(0, |p| p.ready)
-}
-
-async fn wait_ready_member(c: &mut Client, image: &str) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    while ready_members(c, image).await < 1 {
-        assert!(tokio::time::Instant::now() < deadline, "no ready member");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The `_pool*` cgroups of the test's agent and their processes.
 fn members(env: &Env) -> Vec<(String, Vec<i32>)> {
     let layout = hearth_agent::runtime::cgroup::Layout::host(&env.cfg.cgroup.parent).unwrap();
@@ -128,29 +108,6 @@ async fn member_root_attached(env: &Env, member: &str) {
     }
 }
 
-async fn exec(c: &mut Client, id: &str, script: &str) -> (i32, String) {
-    let r = c
-        .exec(pb::ExecRequest {
-            id: id.into(),
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            timeout_millis: 20_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
-}
-
-fn started(evs: &[pb::Event]) -> Vec<pb::event::Started> {
-    evs.iter()
-        .filter_map(|e| match &e.kind {
-            Some(pb::event::Kind::Started(s)) => Some(*s),
-            _ => None,
-        })
-        .collect()
-}
-
 const TICKER: &str = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done";
 
 /// Creates `id` and starts it on an agent that dies during the start.
@@ -192,7 +149,7 @@ async fn killed_between_claim_and_assign_the_instance_runs_on_its_member() {
     let log = env.dir.path().join("agent.log");
     let mut agent = spawn_armed(&env, &config, &log, "warm-committed");
     let mut c = agent.client().await;
-    wait_ready_member(&mut c, &img.busybox).await;
+    wait_ready_members(&mut c, &img.busybox, 1).await;
     let before = members(&env);
     assert_eq!(before.len(), 1, "{before:?}");
     let (member, member_pids) = before[0].clone();
@@ -221,7 +178,7 @@ async fn killed_between_claim_and_assign_the_instance_runs_on_its_member() {
         "no error: {:?}",
         names(&evs)
     );
-    let (code, out) = exec(&mut c, "crash-warm", "cat /etc/hostname").await;
+    let (code, out) = exec_sh(&mut c, "crash-warm", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "crash-warm"));
     ticks(&mut c, "crash-warm").await;
     // It runs on the member it claimed (the member's cgroup), which the new agent kept; the
@@ -237,7 +194,7 @@ async fn killed_between_claim_and_assign_the_instance_runs_on_its_member() {
     assert!(text.contains("started pid="), "{text}");
 
     // The pool refills beside it; the instance's end takes its member with it.
-    wait_ready_member(&mut c, &img.busybox).await;
+    wait_ready_members(&mut c, &img.busybox, 1).await;
     c.stop_instance(pb::StopInstanceRequest {
         id: "crash-warm".into(),
         signal: 9,
@@ -264,7 +221,7 @@ async fn killed_before_the_claim_was_committed_the_instance_starts_again() {
     let log = env.dir.path().join("agent.log");
     let mut agent = spawn_armed(&env, &config, &log, "warm-handed-over");
     let mut c = agent.client().await;
-    wait_ready_member(&mut c, &img.busybox).await;
+    wait_ready_members(&mut c, &img.busybox, 1).await;
     // The new agent may reuse the member's name: the member is known by its processes.
     let (member, member_pids) = members(&env).remove(0);
     assert!(!member_pids.is_empty(), "{member} has no processes");
@@ -294,7 +251,7 @@ async fn killed_before_the_claim_was_committed_the_instance_starts_again() {
     }
 
     // It starts again, on a new member.
-    wait_ready_member(&mut c, &img.busybox).await;
+    wait_ready_members(&mut c, &img.busybox, 1).await;
     c.start_instance(pb::StartInstanceRequest {
         id: "crash-early".into(),
     })
@@ -303,7 +260,7 @@ async fn killed_before_the_claim_was_committed_the_instance_starts_again() {
     let i = wait_state(&mut c, "crash-early", &[pb::InstanceState::Healthy], LONG).await;
     assert_eq!(i.boots, 1);
     assert!(started(&events(&mut c, "crash-early").await)[0].warm);
-    let (code, out) = exec(&mut c, "crash-early", "cat /etc/hostname").await;
+    let (code, out) = exec_sh(&mut c, "crash-early", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "crash-early"));
     ticks(&mut c, "crash-early").await;
     drop(agent);
@@ -329,7 +286,7 @@ async fn killed_before_a_cold_boot_was_welcomed_the_instance_runs() {
     let s = started(&evs);
     assert_eq!(s.len(), 1, "{:?}", names(&evs));
     assert!(!s[0].warm);
-    let (code, out) = exec(&mut c, "crash-cold", "cat /etc/hostname").await;
+    let (code, out) = exec_sh(&mut c, "crash-cold", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "crash-cold"));
     ticks(&mut c, "crash-cold").await;
     c.stop_instance(pb::StopInstanceRequest {
@@ -386,7 +343,7 @@ async fn killed_between_launch_and_commit_the_boot_is_reaped() {
     .unwrap();
     let i = wait_state(&mut c, "crash-launch", &[pb::InstanceState::Healthy], LONG).await;
     assert_eq!(i.boots, 2, "{i:?}");
-    let (code, out) = exec(&mut c, "crash-launch", "cat /etc/hostname").await;
+    let (code, out) = exec_sh(&mut c, "crash-launch", "cat /etc/hostname").await;
     assert_eq!((code, out.trim()), (0, "crash-launch"));
     ticks(&mut c, "crash-launch").await;
     drop(agent);

@@ -610,92 +610,6 @@ async fn follow_logs_and_watch_events_stream_live() {
     agent.shutdown().await;
 }
 
-/// `openssl` in `dir`, failing the test on error.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA (`<name>-ca.crt`) and a client certificate it signed (`<name>.crt`, `<name>.key`).
-fn client_ca_and_cert(dir: &std::path::Path, name: &str) {
-    let ca = format!("{name}-ca");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-        ],
-    );
-    std::fs::write(
-        dir.join(format!("{name}.ext")),
-        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/CN=scheduler",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.crt"),
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -709,13 +623,22 @@ async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
     let pki = tempfile::tempdir().unwrap();
     let server_ca = hearth_testkit::pki::TestCa::new(pki.path());
     let server = server_ca.server_cert("agent");
-    client_ca_and_cert(pki.path(), "good");
-    client_ca_and_cert(pki.path(), "rogue");
+    // The agent trusts the "good" CA's clients; the "rogue" CA's are refused.
+    let ca_of = |name: &str| {
+        let dir = pki.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        hearth_testkit::pki::TestCa::new(&dir)
+    };
+    let (good_ca, rogue_ca) = (ca_of("good"), ca_of("rogue"));
+    let clients = [
+        ("good", good_ca.client_cert("scheduler")),
+        ("rogue", rogue_ca.client_cert("scheduler")),
+    ];
     env.cfg.api.tcp = Some(hearth_agent::config::TcpApiConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         cert: server.cert_pem.clone(),
         key: server.key_pem.clone(),
-        client_ca: pki.path().join("good-ca.crt"),
+        client_ca: good_ca.ca.cert_pem.clone(),
     });
     let agent = TestAgent::start(&env).await;
     let addr = agent.tcp_addr.expect("TCP listener");
@@ -724,10 +647,10 @@ async fn api_over_tcp_tls_requires_a_trusted_client_certificate() {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(server_ca.ca.cert_pem.clone())))
             .domain_name("localhost");
-        if let Some(name) = client {
+        if let Some((_, cert)) = clients.iter().find(|(n, _)| Some(*n) == client) {
             tls = tls.identity(Identity::from_pem(
-                read(pki.path().join(format!("{name}.crt"))),
-                read(pki.path().join(format!("{name}.key"))),
+                read(cert.cert_pem.clone()),
+                read(cert.key_pem.clone()),
             ));
         }
         let url = format!("https://127.0.0.1:{}", addr.port());

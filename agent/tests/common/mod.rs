@@ -537,3 +537,43 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// The warm pools as the API lists them.
+pub async fn pools(c: &mut hearth_agent::ctl::Client) -> pb::ListWarmPoolsResponse {
+    c.list_warm_pools(pb::ListWarmPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls until the pool of `image` has `ready` members ready (and returns the listing).
+pub async fn wait_ready_members(
+    c: &mut hearth_agent::ctl::Client,
+    image: &str,
+    ready: u32,
+) -> pb::WarmPool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let l = pools(c).await;
+        if let Some(p) = l.pools.iter().find(|p| p.image == image)
+            && p.ready == ready
+        {
+            return p.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool of {image} never had {ready} ready members: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The started events, oldest first.
+pub fn started(evs: &[pb::Event]) -> Vec<pb::event::Started> {
+    evs.iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::event::Kind::Started(s)) => Some(*s),
+            _ => None,
+        })
+        .collect()
+}

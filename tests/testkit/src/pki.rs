@@ -129,13 +129,28 @@ impl TestCa {
 
     /// Issues a server certificate for 127.0.0.1 and `localhost` (files `<name>.crt`, …).
     pub fn server_cert(&self, name: &str) -> KeyPair {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
+        self.issue(
+            name,
+            "127.0.0.1",
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\
              basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
         )
-        .expect("write openssl extension file");
+    }
+
+    /// Issues a client certificate (TLS client authentication) named `name`.
+    pub fn client_cert(&self, name: &str) -> KeyPair {
+        self.issue(
+            name,
+            name,
+            "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n",
+        )
+    }
+
+    /// A P-256 key and a certificate for `common_name` signed by the CA, with the extensions
+    /// `ext` (an openssl extension file's text).
+    fn issue(&self, name: &str, common_name: &str, ext: &str) -> KeyPair {
+        std::fs::write(self.dir.join(format!("{name}.ext")), ext)
+            .expect("write openssl extension file");
         openssl(
             &self.dir,
             &[
@@ -147,7 +162,7 @@ impl TestCa {
                 "ec_paramgen_curve:P-256",
                 "-nodes",
                 "-subj",
-                "/CN=127.0.0.1",
+                &format!("/CN={common_name}"),
                 "-keyout",
                 &format!("{name}.key"),
                 "-out",
