@@ -178,16 +178,12 @@ impl Area {
             else {
                 break;
             };
-            let e = t.entries.remove(&victim).expect("present");
-            t.total -= e.bytes;
-            remove_in_background(&self.dir, &self.tree_path(&victim));
+            self.evict(&mut t, &victim);
         }
         tracing::debug!(chain = %chain, bytes, "kept the unpacked layer tree");
         true
     }
-}
 
-impl Area {
     fn drop_unused(&self) -> usize {
         let mut t = lock(&self.trees);
         let unused: Vec<Digest> = t
@@ -197,11 +193,17 @@ impl Area {
             .map(|(c, _)| c.clone())
             .collect();
         for c in &unused {
-            let e = t.entries.remove(c).expect("present");
-            t.total -= e.bytes;
-            remove_in_background(&self.dir, &self.tree_path(c));
+            self.evict(&mut t, c);
         }
         unused.len()
+    }
+
+    /// Forgets the kept tree of `chain` and deletes it in the background.
+    fn evict(&self, t: &mut Trees, chain: &Digest) {
+        if let Some(e) = t.entries.remove(chain) {
+            t.total -= e.bytes;
+            remove_in_background(&self.dir, &self.tree_path(chain));
+        }
     }
 }
 

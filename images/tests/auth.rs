@@ -15,8 +15,8 @@ use std::{
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::{chain, quiet, runtime};
-use hearth_images::{CacheConfig, Credentials, ImageCache, Reference, RegistryConfig};
+use common::{chain, quiet, r, runtime};
+use hearth_images::{CacheConfig, Credentials, ImageCache, RegistryConfig};
 use hearth_testkit::{
     oci,
     pki::{self, KeyPair, TestCa},
@@ -33,10 +33,6 @@ fn checks() -> Option<String> {
         .or_else(|| skip::program("docker-registry"))
         .or_else(|| skip::program("skopeo"))
         .or_else(|| skip::program("openssl"))
-}
-
-fn r(s: &str) -> Reference {
-    s.parse().unwrap()
 }
 
 fn cache(dir: &std::path::Path, registry: &Registry, rc: RegistryConfig) -> ImageCache {

@@ -10,26 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Events, Mounted, assert_blobs_verify, chain, open, quiet, runtime};
-use hearth_images::{
-    ExposedPort, ImageCache, Protocol, PullEvent, Reference, RootfsFormat, cache::PullError,
-};
+use common::{Events, Mounted, assert_blobs_verify, chain, checks, open, quiet, r, runtime};
+use hearth_images::{ExposedPort, ImageCache, Protocol, PullEvent, RootfsFormat, cache::PullError};
 use hearth_testkit::{
     oci::{self, Compression, Image, Layer},
     registry::Registry,
     require, skip,
 };
-
-fn checks() -> Option<String> {
-    skip::root()
-        .or_else(|| skip::program("docker-registry"))
-        .or_else(|| skip::program("skopeo"))
-        .or_else(|| skip::program("mkfs.erofs"))
-}
-
-fn r(s: &str) -> Reference {
-    s.parse().expect("reference")
-}
 
 #[test]
 fn pulls_httpd_image_into_a_bootable_rootfs() {

@@ -13,24 +13,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use common::{Events, Mounted, config, runtime, wait_for};
-use hearth_images::{CacheConfig, ImageCache, PullEvent, Reference};
+use common::{Events, Mounted, checks, config, r, runtime, wait_for};
+use hearth_images::{CacheConfig, ImageCache, PullEvent};
 use hearth_testkit::{
     oci::{Image, Layer},
     registry::Registry,
     require, skip,
 };
-
-fn checks() -> Option<String> {
-    skip::root()
-        .or_else(|| skip::program("docker-registry"))
-        .or_else(|| skip::program("skopeo"))
-        .or_else(|| skip::program("mkfs.erofs"))
-}
-
-fn r(s: &str) -> Reference {
-    s.parse().expect("reference")
-}
 
 /// A tmpfs of `size` mounted on a temp dir; unmounted on drop.
 struct Tmpfs(tempfile::TempDir);

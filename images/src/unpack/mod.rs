@@ -197,18 +197,13 @@ impl Pipe {
         std::thread::spawn(move || {
             loop {
                 let mut buf = vec![0u8; Self::CHUNK];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match from.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.send(Chunk::Failed(e));
-                            return;
-                        }
+                let filled = match read_full(&mut from, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Chunk::Failed(e));
+                        return;
                     }
-                }
+                };
                 let end = filled < buf.len();
                 buf.truncate(filled);
                 // A send fails when the reader gave up: stop too.
@@ -481,6 +476,20 @@ pub fn apply_layer(
     Ok(stats)
 }
 
+/// Reads until `buf` is full or the input ends; returns how many bytes it holds.
+fn read_full<R: Read + ?Sized>(from: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Copies an entry's content into `out` through `buf`; returns the bytes copied.
 fn copy_big(
     from: &mut impl Read,
@@ -491,15 +500,7 @@ fn copy_big(
     let mut total = 0u64;
     loop {
         // Fill the buffer as far as the entry goes, then write it in one call.
-        let mut filled = 0;
-        while filled < buf.len() {
-            match from.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(UnpackError::Tar(e)),
-            }
-        }
+        let filled = read_full(from, buf).map_err(UnpackError::Tar)?;
         if filled == 0 {
             return Ok(total);
         }

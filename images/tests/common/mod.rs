@@ -9,8 +9,21 @@ use std::{
     time::Duration,
 };
 
-use hearth_images::{CacheConfig, ImageCache, PullEvent, RegistryConfig};
-use hearth_testkit::registry::Registry;
+use hearth_images::{CacheConfig, ImageCache, PullEvent, Reference, RegistryConfig};
+use hearth_testkit::{registry::Registry, skip};
+
+/// Why a test that pulls from a local registry and builds erofs images cannot run here.
+pub fn checks() -> Option<String> {
+    skip::root()
+        .or_else(|| skip::program("docker-registry"))
+        .or_else(|| skip::program("skopeo"))
+        .or_else(|| skip::program("mkfs.erofs"))
+}
+
+/// A reference from a test literal.
+pub fn r(s: &str) -> Reference {
+    s.parse().expect("reference")
+}
 
 /// A multi-threaded runtime like the agent's.
 pub fn runtime() -> tokio::runtime::Runtime {
