@@ -67,46 +67,9 @@ impl Drop for Demo {
             .stderr(Stdio::null())
             .status();
         if let Some(mut agent) = self.agent.take() {
-            // SIGTERM: the agent drains its API and exits.
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = agent.kill();
-            let _ = agent.wait();
+            util::stop_agent(&mut agent, Duration::from_secs(15));
         }
-        let quiet = |cmd: &mut Command| {
-            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-        };
-        quiet(Command::new("ip").args(["link", "del", BRIDGE]));
-        quiet(Command::new("nft").args(["delete", "table", "ip", NAT_TABLE]));
-        let _ = std::fs::remove_dir_all(BPF_ROOT);
-        // The (empty) parent cgroups, in every hierarchy the agent used.
-        for ctrl in ["memory", "cpu", "pids", ""] {
-            let own = std::fs::read_to_string("/proc/self/cgroup")
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| {
-                    let mut p = l.splitn(3, ':');
-                    let (_, c, path) = (p.next()?, p.next()?, p.next()?);
-                    c.split(',')
-                        .any(|x| x == ctrl || (ctrl.is_empty() && x.is_empty()))
-                        .then(|| path.to_owned())
-                });
-            if let Some(own) = own {
-                let base = if ctrl.is_empty() {
-                    "/sys/fs/cgroup".to_owned()
-                } else {
-                    format!("/sys/fs/cgroup/{ctrl}")
-                };
-                let _ = std::fs::remove_dir(format!(
-                    "{base}{}/{CGROUP_PARENT}",
-                    own.trim_end_matches('/')
-                ));
-            }
-        }
+        util::remove_node_leftovers(BRIDGE, NAT_TABLE, BPF_ROOT, CGROUP_PARENT);
         if self.keep {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             println!("demo: state kept in {}", path.keep().display());

@@ -90,3 +90,49 @@ pub fn step<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Res
     }
     result.with_context(|| format!("Step `{name}` failed"))
 }
+
+/// Stops a hearth-agent this task started: SIGTERM (it drains its API and, as configured,
+/// destroys what it runs), then SIGKILL if it has not exited within `grace`.
+pub fn stop_agent(agent: &mut std::process::Child, grace: std::time::Duration) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// What a hearth-agent this task ran leaves on the node after its instances are gone: the
+/// bridge, the NAT table, the bpffs pin directory and the (empty) cgroup parent in every
+/// hierarchy the agent used. Removed on a best-effort basis.
+pub fn remove_node_leftovers(bridge: &str, nat_table: &str, bpf_root: &str, cgroup_parent: &str) {
+    let quiet = |cmd: &mut Command| {
+        let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
+    };
+    quiet(Command::new("ip").args(["link", "del", bridge]));
+    quiet(Command::new("nft").args(["delete", "table", "ip", nat_table]));
+    let _ = std::fs::remove_dir_all(bpf_root);
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for ctrl in ["memory", "cpu", "pids", ""] {
+        let path = own.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+            c.split(',')
+                .any(|x| x == ctrl || (ctrl.is_empty() && x.is_empty()))
+                .then(|| path.to_owned())
+        });
+        if let Some(path) = path {
+            let base = if ctrl.is_empty() {
+                "/sys/fs/cgroup".to_owned()
+            } else {
+                format!("/sys/fs/cgroup/{ctrl}")
+            };
+            let _ = std::fs::remove_dir(format!(
+                "{base}{}/{cgroup_parent}",
+                path.trim_end_matches('/')
+            ));
+        }
+    }
+}

@@ -123,48 +123,22 @@ impl Drop for Bench {
             let _ = c.wait();
         }
         if let Some(mut agent) = self.agent.take() {
-            // SIGTERM: the agent drains its API and destroys its pool members.
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while agent.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = agent.kill();
-            let _ = agent.wait();
+            // The agent destroys its pool members when it drains.
+            util::stop_agent(&mut agent, Duration::from_secs(20));
         }
-        let quiet = |cmd: &mut Command| {
-            let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
-        };
         if let Some(ns) = self.netns.take() {
-            quiet(Command::new("ip").args(["netns", "del", &ns]));
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
-        quiet(Command::new("ip").args(["link", "del", &self.bridge]));
-        quiet(Command::new("nft").args(["delete", "table", "ip", &self.nat_table]));
-        let _ = fs::remove_dir_all(&self.bpf_root);
-        remove_cgroup_parent(&self.cgroup_parent);
-    }
-}
-
-/// Removes the (empty) cgroup parent in every hierarchy the agent used.
-fn remove_cgroup_parent(parent: &str) {
-    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    for ctrl in ["memory", "cpu", "pids", ""] {
-        let path = own.lines().find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, c, path) = (p.next()?, p.next()?, p.next()?);
-            c.split(',')
-                .any(|x| x == ctrl || (ctrl.is_empty() && x.is_empty()))
-                .then(|| path.to_owned())
-        });
-        if let Some(path) = path {
-            let base = if ctrl.is_empty() {
-                "/sys/fs/cgroup".to_owned()
-            } else {
-                format!("/sys/fs/cgroup/{ctrl}")
-            };
-            let _ = fs::remove_dir(format!("{base}{}/{parent}", path.trim_end_matches('/')));
-        }
+        util::remove_node_leftovers(
+            &self.bridge,
+            &self.nat_table,
+            &self.bpf_root,
+            &self.cgroup_parent,
+        );
     }
 }
 
