@@ -63,6 +63,34 @@ fn check_millis(field: &str, v: Option<i64>) -> Result<(), InvalidRequest> {
     }
 }
 
+/// Fills an instance type's defaults and checks its bounds; `field` names it in errors.
+pub fn normalize_type(
+    it: Option<pb::InstanceType>,
+    defaults: &InstanceDefaults,
+    field: &str,
+) -> Result<pb::InstanceType, InvalidRequest> {
+    let mut it = it.unwrap_or_default();
+    if it.vcpus == 0 {
+        it.vcpus = defaults.vcpus;
+    }
+    if it.memory_mib == 0 {
+        it.memory_mib = defaults.memory_mib;
+    }
+    if it.disk_mib == 0 {
+        it.disk_mib = defaults.disk_mib;
+    }
+    if it.vcpus > 256 {
+        return Err(invalid(format!("{field}.vcpus {} is above 256", it.vcpus)));
+    }
+    if it.memory_mib < 16 {
+        return Err(invalid(format!(
+            "{field}.memory_mib {} is below the minimum of 16",
+            it.memory_mib
+        )));
+    }
+    Ok(it)
+}
+
 /// Validates a spec and fills every defaulted field, so two specs that mean the same compare
 /// equal (which makes `CreateInstance` idempotent).
 pub fn normalize_spec(
@@ -80,28 +108,8 @@ pub fn normalize_spec(
                 spec.image
             ))
         })?;
-    let it = spec.instance_type.get_or_insert_with(Default::default);
-    if it.vcpus == 0 {
-        it.vcpus = defaults.vcpus;
-    }
-    if it.memory_mib == 0 {
-        it.memory_mib = defaults.memory_mib;
-    }
-    if it.disk_mib == 0 {
-        it.disk_mib = defaults.disk_mib;
-    }
-    if it.vcpus > 256 {
-        return Err(invalid(format!(
-            "spec.instance_type.vcpus {} is above 256",
-            it.vcpus
-        )));
-    }
-    if it.memory_mib < 16 {
-        return Err(invalid(format!(
-            "spec.instance_type.memory_mib {} is below the minimum of 16",
-            it.memory_mib
-        )));
-    }
+    let it = spec.instance_type.take();
+    spec.instance_type = Some(normalize_type(it, defaults, "spec.instance_type")?);
     for k in spec.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(invalid(format!(

@@ -48,7 +48,7 @@ use crate::{
     config::{Config, InstanceDefaults},
     images::{ImageCache, ImageError, ResolvedImage},
     instance::network::NodeNet,
-    model::{InvalidRequest, pb},
+    model::{self, InvalidRequest, pb},
     runtime::Runtime,
 };
 
@@ -135,36 +135,6 @@ impl PoolKey {
     }
 }
 
-/// Fills an instance type's defaults and checks it like an instance spec's.
-pub fn normalize_type(
-    it: Option<pb::InstanceType>,
-    defaults: &InstanceDefaults,
-) -> Result<pb::InstanceType, InvalidRequest> {
-    let mut it = it.unwrap_or_default();
-    if it.vcpus == 0 {
-        it.vcpus = defaults.vcpus;
-    }
-    if it.memory_mib == 0 {
-        it.memory_mib = defaults.memory_mib;
-    }
-    if it.disk_mib == 0 {
-        it.disk_mib = defaults.disk_mib;
-    }
-    if it.vcpus > 256 {
-        return Err(InvalidRequest(format!(
-            "instance_type.vcpus {} is above 256",
-            it.vcpus
-        )));
-    }
-    if it.memory_mib < 16 {
-        return Err(InvalidRequest(format!(
-            "instance_type.memory_mib {} is below the minimum of 16",
-            it.memory_mib
-        )));
-    }
-    Ok(it)
-}
-
 fn key_of(
     image: &str,
     it: Option<pb::InstanceType>,
@@ -178,7 +148,7 @@ fn key_of(
     image
         .parse::<hearth_images::reference::Reference>()
         .map_err(|e| InvalidRequest(format!("image {image:?} is not an image reference: {e}")))?;
-    let it = normalize_type(it, defaults)?;
+    let it = model::normalize_type(it, defaults, "instance_type")?;
     Ok(PoolKey {
         image: image.to_owned(),
         vcpus: it.vcpus,
@@ -1002,12 +972,12 @@ mod tests {
     #[test]
     fn instance_types_are_checked() {
         let d = Config::default().defaults;
-        assert!(normalize_type(None, &d).is_ok());
+        assert!(crate::model::normalize_type(None, &d, "instance_type").is_ok());
         let small = pb::InstanceType {
             memory_mib: 8,
             ..Default::default()
         };
-        assert!(normalize_type(Some(small), &d).is_err());
+        assert!(crate::model::normalize_type(Some(small), &d, "instance_type").is_err());
         assert!(key_of("", None, &d).is_err());
         assert!(check_size(MAX_SIZE + 1).is_err());
     }
