@@ -594,22 +594,11 @@ impl Manager {
         }
         entry.touch(now);
         let committed = entry.commit(&self.events, &self.clock, |i, p| {
-            i.state = pb::InstanceState::Starting as i32;
-            i.boots += 1;
-            i.exit = None;
-            i.error = None;
-            i.started_at_unix_nanos = 0;
-            i.stop_deadline_unix_nanos = 0;
-            i.activity_deadline_unix_nanos = 0;
-            i.address = address.clone();
-            p.image = Some(image.clone());
+            let boot = i.boots + 1;
+            begin_boot(i, p, boot, &address, &image, now);
             p.boot_id.clear();
-            p.log_seq = 0;
-            p.start_requested_at = now;
             p.warm_start = false;
-            vec![pb::event::Kind::Starting(pb::event::Starting {
-                boot: i.boots,
-            })]
+            vec![pb::event::Kind::Starting(pb::event::Starting { boot })]
         });
         let inst = match committed {
             Ok(i) => i,
@@ -817,18 +806,8 @@ impl Manager {
         let boot_id = parts.conn.hello().boot_id.clone();
         entry.touch(now);
         let committed = entry.commit(&self.events, &self.clock, |i, p| {
-            i.state = pb::InstanceState::Starting as i32;
-            i.boots = boot;
-            i.exit = None;
-            i.error = None;
-            i.started_at_unix_nanos = 0;
-            i.stop_deadline_unix_nanos = 0;
-            i.activity_deadline_unix_nanos = 0;
-            i.address = address.clone();
-            p.image = Some(image.clone());
+            begin_boot(i, p, boot, &address, &image, now);
             p.boot_id = boot_id.clone();
-            p.log_seq = 0;
-            p.start_requested_at = now;
             p.runtime = Some(parts.rt.clone());
             p.warm_start = true;
             vec![pb::event::Kind::Starting(pb::event::Starting { boot })]
@@ -1448,6 +1427,29 @@ impl Manager {
         }
         (r, total, running)
     }
+}
+
+/// The state every new boot starts from, cold or warm: `starting`, boot number `boot`, no exit,
+/// error or deadlines of the previous boot, its fresh address and image.
+fn begin_boot(
+    i: &mut pb::Instance,
+    p: &mut Private,
+    boot: u32,
+    address: &str,
+    image: &crate::images::ResolvedImage,
+    now: i64,
+) {
+    i.state = pb::InstanceState::Starting as i32;
+    i.boots = boot;
+    i.exit = None;
+    i.error = None;
+    i.started_at_unix_nanos = 0;
+    i.stop_deadline_unix_nanos = 0;
+    i.activity_deadline_unix_nanos = 0;
+    i.address = address.to_owned();
+    p.image = Some(image.clone());
+    p.log_seq = 0;
+    p.start_requested_at = now;
 }
 
 /// Binds the Unix socket hearth-init dials (replacing a stale one), owner-only.

@@ -432,18 +432,23 @@ impl Supervisor {
         // Init says whether it already has its spec (`reconnect`); a first connection that
         // broke before the Welcome arrived is retried as a first connection again.
         let fresh = !hello.reconnect;
+        // Another boot's init (a reconnect, or a fresh Hello to an adopted boot whose id is
+        // stored) is not this instance's.
+        if (!fresh || self.adopted)
+            && !private.boot_id.is_empty()
+            && hello.boot_id != private.boot_id
+        {
+            let _ = conn
+                .reject(format!(
+                    "boot id {:?} is not this instance's boot {:?}",
+                    hello.boot_id, private.boot_id
+                ))
+                .await;
+            return;
+        }
         if fresh {
             // A fresh Hello means init has no spec: a new boot, or an adopted one whose agent
             // died before init got the spec (the restarted agent rebuilt it from the store).
-            if self.adopted && !private.boot_id.is_empty() && hello.boot_id != private.boot_id {
-                let _ = conn
-                    .reject(format!(
-                        "boot id {:?} is not this instance's boot {:?}",
-                        hello.boot_id, private.boot_id
-                    ))
-                    .await;
-                return;
-            }
             if self.stop_requested {
                 // Stopped before its workload ever ran: nothing to start now.
                 let _ = conn
@@ -479,15 +484,6 @@ impl Supervisor {
             }
             self.spec_at = self.mgr.clock.now();
         } else {
-            if !private.boot_id.is_empty() && hello.boot_id != private.boot_id {
-                let _ = conn
-                    .reject(format!(
-                        "boot id {:?} is not this instance's boot {:?}",
-                        hello.boot_id, private.boot_id
-                    ))
-                    .await;
-                return;
-            }
             let resume = self.entry.logs.last_init_seq(self.boot);
             if let Err(e) = conn.welcome(None, resume).await {
                 tracing::warn!(id = %self.entry.id, error = %e, "cannot welcome hearth-init");

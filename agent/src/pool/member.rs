@@ -33,8 +33,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 /// The connection to a member's hearth-init (welcomed, no spec yet).
 pub type MemberConn = HostChannel<UnixStream>;
 
-/// What a claimer gets: the member's runtime, its process, the control socket's listener (for
-/// init's reconnects) and the live connection, on which the claimer sends `assign`.
+/// A booted member, and what a claimer gets: the member's runtime, its process, the control
+/// socket's listener (for init's reconnects) and the live connection, on which the claimer
+/// sends `assign`.
 #[derive(Debug)]
 pub struct ClaimedParts {
     /// The runtime's handle (its cgroup and sockets are named after the member).
@@ -93,14 +94,6 @@ pub(super) async fn destroy_claimed(inner: &Arc<Inner>, mut c: Claimed) {
         teardown(inner, &c.name, Some(parts.rt), Some(parts.process)).await;
     }
     inner.wake.notify_one();
-}
-
-/// A booted member.
-struct Booted {
-    rt: RuntimeState,
-    process: Process,
-    listener: UnixListener,
-    conn: MemberConn,
 }
 
 /// Why a boot did not produce a member.
@@ -168,7 +161,7 @@ pub(super) async fn run(
         return;
     }
     inner.wake.notify_one();
-    let Booted {
+    let ClaimedParts {
         rt,
         process,
         listener,
@@ -289,7 +282,7 @@ async fn boot(
     name: &str,
     image: &ResolvedImage,
     cancel: &CancellationToken,
-) -> Result<Booted, BootEnd> {
+) -> Result<ClaimedParts, BootEnd> {
     let socket = inner.runtime.control_socket(name);
     let listener = bind_control_socket(&socket)
         .map_err(|e| BootEnd::Failed(format!("cannot listen on {}: {e}", socket.display())))?;
@@ -400,7 +393,7 @@ async fn boot(
         }
     };
     match r {
-        Ok(conn) => Ok(Booted {
+        Ok(conn) => Ok(ClaimedParts {
             rt,
             process,
             listener,
