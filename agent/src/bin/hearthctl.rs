@@ -35,6 +35,30 @@ struct Cli {
     command: Cmd,
 }
 
+/// An instance type; what is not given is the node's default.
+#[derive(Args)]
+struct TypeArgs {
+    /// vCPUs (default: the node's).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB (default: the node's).
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Disk (writable layer) in MiB (default: the node's).
+    #[arg(long)]
+    disk: Option<u64>,
+}
+
+impl TypeArgs {
+    fn to_pb(&self) -> pb::InstanceType {
+        pb::InstanceType {
+            vcpus: self.vcpus.unwrap_or(0),
+            memory_mib: self.memory.unwrap_or(0),
+            disk_mib: self.disk.unwrap_or(0),
+        }
+    }
+}
+
 #[derive(Args)]
 struct SpecArgs {
     /// Instance id (a-z, 0-9, -).
@@ -54,15 +78,8 @@ struct SpecArgs {
     /// KEY=VALUE label (repeatable).
     #[arg(long = "label", short = 'l')]
     labels: Vec<String>,
-    /// vCPUs.
-    #[arg(long)]
-    vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
-    memory: Option<u64>,
-    /// Disk (writable layer) in MiB.
-    #[arg(long)]
-    disk: Option<u64>,
+    #[command(flatten)]
+    instance_type: TypeArgs,
     /// Inactivity before the instance sleeps ("10m", "0s" = never).
     #[arg(long)]
     sleep_after: Option<humantime::Duration>,
@@ -206,15 +223,8 @@ enum PoolCmd {
         image: String,
         /// Members to keep ready.
         size: u32,
-        /// vCPUs (default: the node's).
-        #[arg(long)]
-        vcpus: Option<u32>,
-        /// Memory in MiB (default: the node's).
-        #[arg(long)]
-        memory: Option<u64>,
-        /// Disk (writable layer) in MiB (default: the node's).
-        #[arg(long)]
-        disk: Option<u64>,
+        #[command(flatten)]
+        instance_type: TypeArgs,
     },
     /// List the pools.
     Ls,
@@ -249,11 +259,7 @@ fn kv(list: &[String], what: &str) -> anyhow::Result<HashMap<String, String>> {
 fn spec(a: &SpecArgs) -> anyhow::Result<pb::InstanceSpec> {
     Ok(pb::InstanceSpec {
         image: a.image.clone(),
-        instance_type: Some(pb::InstanceType {
-            vcpus: a.vcpus.unwrap_or(0),
-            memory_mib: a.memory.unwrap_or(0),
-            disk_mib: a.disk.unwrap_or(0),
-        }),
+        instance_type: Some(a.instance_type.to_pb()),
         env: kv(&a.env, "--env")?,
         labels: kv(&a.labels, "--label")?,
         entrypoint: a.entrypoint.as_ref().map(|e| pb::Command {
@@ -783,18 +789,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             PoolCmd::Set {
                 image,
                 size,
-                vcpus,
-                memory,
-                disk,
+                instance_type,
             } => {
                 let p = c
                     .set_warm_pool(pb::SetWarmPoolRequest {
                         image,
-                        instance_type: Some(pb::InstanceType {
-                            vcpus: vcpus.unwrap_or(0),
-                            memory_mib: memory.unwrap_or(0),
-                            disk_mib: disk.unwrap_or(0),
-                        }),
+                        instance_type: Some(instance_type.to_pb()),
                         size,
                     })
                     .await?
